@@ -1,0 +1,28 @@
+"""Base for the paper-scale SiT runs on ImageNet-256 VAE latents (32×32×4, 1000 classes).
+
+Global batch 256, AdamW 1e-4, EMA 0.9999, 400 K steps (SiT, Ma et al. 2024). The latents are
+read from a TFDS array_record dataset with 'image' float32 [32, 32, 4] and 'label' features,
+prepared by the user under config.data.tfds_dir (see README.md).
+"""
+
+from configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.data.name = 'imagenet256_latents'
+  c.data.idx_dir = ''
+  c.data.image_size = 32
+  c.data.channels = 4
+  c.data.num_classes = 1000
+  c.data.worker_count = 8
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 10_000
+  c.sample_every_steps = 50_000
+  c.sample.method = 'heun'
+  c.sample.num_steps = 50
+  c.sample.cfg_scale = 1.5
+  c.sample.per_class = 4
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  return c

@@ -1,0 +1,100 @@
+"""Orbax checkpoints of the train state and the data iterator, and the run's saved config.
+
+Layout under WORKDIR:
+  checkpoints/<step>/state   the train state (params, ema_params, opt_state, step)
+  checkpoints/<step>/data    the Grain iterator state of every process
+  config.json                the config of the run that wrote the checkpoints
+
+Orbax writes each step into a temporary directory and renames it when complete, so a crash
+mid-save never leaves a directory that `latest_step()` would pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+# Config fields that fix the shapes of the saved parameters: a workdir that was trained with
+# other values cannot be resumed with these.
+SHAPE_FIELDS = ('model.name', 'data.image_size', 'data.channels', 'data.num_classes')
+
+
+def create_manager(workdir: str, *, save_every: int, max_to_keep: int,
+                   async_save: bool = True) -> ocp.CheckpointManager:
+  policies = ocp.checkpoint_managers
+  options = ocp.CheckpointManagerOptions(
+      # Every `save_every` steps and on a preemption notice; unlike Orbax's default, not at
+      # the first step of each run (the loop forces the last step itself).
+      save_decision_policy=policies.AnySavePolicy([
+          policies.FixedIntervalPolicy(save_every),
+          policies.PreemptionCheckpointingPolicy()]),
+      max_to_keep=max_to_keep,
+      enable_async_checkpointing=async_save,
+      create=True,
+  )
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), 'checkpoints'),
+      options=options,
+      item_handlers={'state': ocp.StandardCheckpointHandler(),
+                     'data': grain.checkpoint.CheckpointHandler()},
+  )
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
+         *, force: bool = False) -> bool:
+  """Saves state and iterator at `step` if the interval says so (or `force`)."""
+  return manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=grain.checkpoint.CheckpointSave(data_iterator)), force=force)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+            data_iterator: Any) -> Any:
+  """Restores the state onto the shardings in `abstract_state`, and the iterator in place."""
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data=grain.checkpoint.CheckpointRestore(data_iterator)))
+  return restored['state']
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+  node = config
+  for key in dotted.split('.'):
+    node = node[key]
+  return node
+
+
+def check_and_save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to reuse a workdir whose saved run has other parameter shapes; records config.
+
+  Called before any checkpoint is read, so a mismatch never silently restores wrong weights.
+  """
+  path = os.path.join(workdir, 'config.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = ml_collections.ConfigDict(json.load(f))
+    diffs = []
+    for field in SHAPE_FIELDS:
+      try:
+        old = _get(saved, field)
+      except (KeyError, AttributeError):
+        continue
+      new = _get(config, field)
+      if old != new:
+        diffs.append(f'{field}: saved {old!r}, now {new!r}')
+    if diffs:
+      raise ValueError(
+          f'workdir {workdir} holds a run with a different model shape ({"; ".join(diffs)}). '
+          'Use a new --workdir, or set these config fields back to the saved values.')
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+    os.replace(tmp, path)

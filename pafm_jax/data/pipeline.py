@@ -1,0 +1,397 @@
+"""Grain input pipelines built from the `config.data` section.
+
+Train pipeline (:func:`create_train_iterator`), one per JAX process::
+
+  MapDataset.range(N)                      example indices of the split
+    .shuffle(derived seed)                 global permutation, new one every epoch
+    [: N - N % process_count]              equal shards: every process has the same
+    [process_index :: process_count]         number of batches per epoch
+    .batch(local_batch_size, drop_remainder=True)   per epoch (no batch spans two epochs)
+    .repeat()                              forever; upstream shuffle reseeded per epoch
+    .map(read + preprocess one batch)      one `source.__getitems__` call per batch
+    .to_iter_dataset(ReadOptions)          thread prefetch
+    [.mp_prefetch(worker_count)]           optional worker processes
+
+Everything up to ``.batch`` is index arithmetic, so the order of example ids is a
+pure function of (seed, epoch, process_index, process_count, local_batch_size)
+and does not depend on ``worker_count`` (``mp_prefetch`` hands out whole batches
+round-robin).  :func:`train_index_dataset` exposes that index stream alone.
+
+All processes must pass the same ``seed`` (the permutation is global; each process
+takes every ``process_count``-th element of it, so the shards of one epoch are
+disjoint and together cover the split minus ``N % process_count`` examples).
+
+Checkpointing the iterator with Orbax (grain 0.2.18, orbax-checkpoint 0.12.8)::
+
+  manager = ocp.CheckpointManager(
+      directory, options=...,
+      item_handlers={'state': ocp.StandardCheckpointHandler(),
+                     'data': grain.checkpoint.CheckpointHandler()})
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=iterator_save_args(it)))          # grain.checkpoint.CheckpointSave(it)
+  manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data=iterator_restore_args(it)))       # grain.checkpoint.CheckpointRestore(it)
+
+``CheckpointHandler`` is a *synchronous* Orbax handler: ``it.get_state()`` is
+taken inside ``manager.save`` even with async checkpointing, so advancing the
+iterator right after ``save`` returns is safe.  Each process writes its own file
+``process_<i>-of-<n>.json`` (index/count from ``jax.process_index()/count()``),
+and ``restore`` sets the state on the given iterator *in place*.  The state is a
+small JSON dict (the next batch index); restoring it into an iterator built with a
+different seed / batch size / process count silently gives a different stream,
+so those must be kept identical across a resume.  The state layout also depends
+on ``worker_count`` (``mp_prefetch`` stores one sub-state per worker), so a
+checkpoint must be resumed with the same ``data.worker_count``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from pafm_jax.data import fashion_mnist
+
+DEFAULT_TFDS_DIR = "~/.cache/pafm_jax/tfds"
+TFDS_DIR_ENV = "PAFM_TFDS_DIR"
+FASHION_MNIST = "fashion_mnist"
+# Thread count for reading batches in the main process (ReadOptions.num_threads);
+# optional config field `data.read_threads`.
+DEFAULT_READ_THREADS = 2
+
+__all__ = [
+  "DEFAULT_TFDS_DIR",
+  "TFDS_DIR_ENV",
+  "create_eval_iterator",
+  "create_eval_source",
+  "create_train_iterator",
+  "iterator_checkpoint_handler",
+  "iterator_restore_args",
+  "iterator_save_args",
+  "load_source",
+  "resolve_tfds_dir",
+  "shuffle_seed_for",
+  "train_index_dataset",
+  "validate_data_config",
+]
+
+
+# ---------------------------------------------------------------------------
+# Config helpers.
+# ---------------------------------------------------------------------------
+
+
+def _get(cfg: Any, name: str, default: Any = None) -> Any:
+  if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
+    return cfg.get(name, default)
+  return getattr(cfg, name, default)
+
+
+def resolve_tfds_dir(data_config: Any = None) -> str:
+  """`data.tfds_dir` if non-empty, else ``$PAFM_TFDS_DIR``, else ``~/.cache/pafm_jax/tfds``."""
+  d = _get(data_config, "tfds_dir", "") if data_config is not None else ""
+  if not d:
+    d = os.environ.get(TFDS_DIR_ENV, "") or DEFAULT_TFDS_DIR
+  return os.path.abspath(os.path.expanduser(os.fspath(d)))
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+  if value < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {value}")
+  return int(value)
+
+
+def validate_data_config(
+  data_config: Any,
+  *,
+  local_batch_size: int | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  seed: int | None = None,
+) -> None:
+  """Cheap checks of the config and the call arguments; raises ``ValueError``.
+
+  Run before any dataset is built or read.  Size checks that need the split
+  length are done later in :func:`create_train_iterator`.
+  """
+  name = _get(data_config, "name")
+  if not name:
+    raise ValueError("config.data.name must be set (e.g. 'fashion_mnist').")
+  if local_batch_size is not None:
+    _check_int("local_batch_size", local_batch_size, 1)
+  _check_int("process_count", process_count, 1)
+  _check_int("process_index", process_index, 0)
+  if process_index >= process_count:
+    raise ValueError(
+      f"process_index ({process_index}) must be < process_count ({process_count})"
+    )
+  if seed is not None:
+    _check_int("seed (config.data.shuffle_seed)", seed, 0)
+  _check_int("config.data.worker_count", _get(data_config, "worker_count", 0), 0)
+  _check_int(
+    "config.data.prefetch_buffer_size", _get(data_config, "prefetch_buffer_size", 2), 0
+  )
+  _check_int("config.data.read_threads", _get(data_config, "read_threads", DEFAULT_READ_THREADS), 1)
+  for field in ("image_size", "channels", "num_classes"):
+    if _get(data_config, field) is not None:
+      _check_int(f"config.data.{field}", _get(data_config, field), 1)
+  if name == FASHION_MNIST:
+    expected = {"image_size": 28, "channels": 1, "num_classes": 10}
+    for field, want in expected.items():
+      got = _get(data_config, field)
+      if got is not None and got != want:
+        raise ValueError(
+          f"config.data.{field}={got} but Fashion-MNIST has {field}={want}."
+        )
+
+
+def shuffle_seed_for(seed: int) -> int:
+  """The seed handed to ``MapDataset.shuffle`` for a user seed.
+
+  Grain reseeds the shuffle of epoch ``e`` with ``seed + e``, so seed ``s`` in
+  epoch 1 would replay seed ``s + 1`` in epoch 0.  Hashing the user seed first
+  removes that overlap between neighbouring seeds.
+  """
+  return int(np.random.SeedSequence([int(seed), 0x9AF3]).generate_state(1, np.uint32)[0])
+
+
+# ---------------------------------------------------------------------------
+# Sources.
+# ---------------------------------------------------------------------------
+
+
+def load_source(data_config: Any, split: str | None = None) -> Sequence[dict[str, Any]]:
+  """Random-access source of ``split`` (default ``data.split``).
+
+  ``fashion_mnist`` is built from the IDX files into ``tfds_dir`` on first use
+  (see :mod:`pafm_jax.data.fashion_mnist`).  Any other ``data.name`` must be a
+  TFDS dataset already prepared as array_record under ``tfds_dir``.
+  """
+  name = _get(data_config, "name")
+  split = split or _get(data_config, "split", "train")
+  tfds_dir = resolve_tfds_dir(data_config)
+  if name == FASHION_MNIST:
+    idx_dir = _get(data_config, "idx_dir") or fashion_mnist.DEFAULT_IDX_DIR
+    return fashion_mnist.load_source(tfds_dir, idx_dir, split)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  try:
+    builder = tfds.builder(name, data_dir=tfds_dir)
+  except Exception as e:  # DatasetNotFoundError and friends.
+    raise FileNotFoundError(
+      f"TFDS dataset {name!r} (config.data.name) was not found under "
+      f"{tfds_dir} (config.data.tfds_dir / ${TFDS_DIR_ENV}); prepare it "
+      "there as array_record first."
+    ) from e
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+      f"TFDS dataset {name!r} is not prepared under {tfds_dir} "
+      "(config.data.tfds_dir); prepare it there as array_record first."
+    )
+  return builder.as_data_source(split=split)
+
+
+def create_eval_source(data_config: Any, split: str = "test") -> Sequence[dict[str, Any]]:
+  """Random-access source of the evaluation split (``source[i]`` is example i)."""
+  validate_data_config(data_config)
+  return load_source(data_config, split)
+
+
+# ---------------------------------------------------------------------------
+# Batch reading / preprocessing.
+# ---------------------------------------------------------------------------
+
+
+class _ReadBatch:
+  """Maps an int64 array of example indices to a preprocessed batch.
+
+  A picklable class (not a lambda) so that ``mp_prefetch`` workers can use it.
+  """
+
+  def __init__(self, source, image_shape: tuple[int, int, int] | None):
+    self._source = source
+    self._image_shape = image_shape
+
+  def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    indices = np.asarray(indices, dtype=np.int64)
+    idx_list = [int(i) for i in indices]
+    getitems = getattr(self._source, "__getitems__", None)
+    records = getitems(idx_list) if getitems is not None else [self._source[i] for i in idx_list]
+    images = np.stack([np.asarray(r["image"]) for r in records])
+    if self._image_shape is not None and images.shape[1:] != self._image_shape:
+      raise ValueError(
+        f"dataset images have shape {images.shape[1:]} but config.data "
+        f"(image_size, image_size, channels) says {self._image_shape}"
+      )
+    if images.dtype == np.uint8:
+      images = images.astype(np.float32) * np.float32(1.0 / 127.5) - np.float32(1.0)
+    else:  # e.g. pre-scaled float latents.
+      images = images.astype(np.float32)
+    labels = np.asarray([r["label"] for r in records], dtype=np.int32)
+    if "id" in records[0]:
+      ids = np.asarray([r["id"] for r in records], dtype=np.int64)
+    else:
+      ids = indices
+    return {"image": images, "label": labels, "id": ids}
+
+
+def _image_shape(data_config: Any) -> tuple[int, int, int] | None:
+  size, ch = _get(data_config, "image_size"), _get(data_config, "channels")
+  if size is None or ch is None:
+    return None
+  return (int(size), int(size), int(ch))
+
+
+def _read_options(data_config: Any) -> grain.ReadOptions:
+  return grain.ReadOptions(
+    num_threads=int(_get(data_config, "read_threads", DEFAULT_READ_THREADS)),
+    prefetch_buffer_size=int(_get(data_config, "prefetch_buffer_size", 2)),
+  )
+
+
+def _maybe_mp_prefetch(ds: grain.IterDataset, data_config: Any) -> grain.IterDataset:
+  workers = int(_get(data_config, "worker_count", 0))
+  if workers <= 0:
+    return ds
+  # Grain reads its absl flags when starting workers; a library user that never
+  # ran absl.app would otherwise get UnparsedFlagAccessError.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return ds.mp_prefetch(
+    grain.MultiprocessingOptions(
+      num_workers=workers,
+      per_worker_buffer_size=max(1, int(_get(data_config, "prefetch_buffer_size", 2))),
+    )
+  )
+
+
+# ---------------------------------------------------------------------------
+# Train pipeline.
+# ---------------------------------------------------------------------------
+
+
+def train_index_dataset(
+  num_examples: int,
+  *,
+  local_batch_size: int,
+  process_index: int,
+  process_count: int,
+  seed: int,
+) -> grain.MapDataset:
+  """Infinite ``MapDataset`` of int64 [local_batch_size] example-index batches.
+
+  Exactly the index stream of :func:`create_train_iterator` (its ``'id'``
+  field), without reading any data.
+  """
+  _check_int("num_examples", num_examples, 1)
+  _check_int("local_batch_size", local_batch_size, 1)
+  per_process = num_examples // process_count
+  if local_batch_size > per_process:
+    raise ValueError(
+      f"local_batch_size={local_batch_size} is larger than the "
+      f"{per_process} examples each of the {process_count} processes gets "
+      f"per epoch ({num_examples} examples); lower the global batch size."
+    )
+  ds = grain.MapDataset.range(num_examples).shuffle(seed=shuffle_seed_for(seed))
+  ds = ds[: per_process * process_count]
+  ds = ds[process_index::process_count]
+  ds = ds.batch(local_batch_size, drop_remainder=True)
+  return ds.repeat(None)
+
+
+def create_train_iterator(
+  data_config: Any,
+  *,
+  local_batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  seed: int | None = None,
+) -> grain.DatasetIterator:
+  """Infinite, shuffled, per-process train iterator (supports get/set_state).
+
+  Yields ``{'image': float32 [b,H,W,C] in [-1, 1], 'label': int32 [b],
+  'id': int64 [b]}`` with ``b = local_batch_size`` for this process only.
+  ``seed`` defaults to ``data.shuffle_seed``; it must be the same on every
+  process.  Same arguments -> identical batches; every epoch is a new
+  permutation.  Reads ``data.split`` (default 'train').
+  """
+  if seed is None:
+    seed = _get(data_config, "shuffle_seed")
+    if seed is None:
+      raise ValueError(
+        "create_train_iterator needs `seed=` or config.data.shuffle_seed."
+      )
+  validate_data_config(
+    data_config,
+    local_batch_size=local_batch_size,
+    process_index=process_index,
+    process_count=process_count,
+    seed=seed,
+  )
+  source = load_source(data_config, _get(data_config, "split", "train"))
+  index_ds = train_index_dataset(
+    len(source),
+    local_batch_size=local_batch_size,
+    process_index=process_index,
+    process_count=process_count,
+    seed=seed,
+  )
+  ds = index_ds.map(_ReadBatch(source, _image_shape(data_config)))
+  ds = ds.to_iter_dataset(_read_options(data_config))
+  ds = _maybe_mp_prefetch(ds, data_config)
+  return iter(ds)
+
+
+def create_eval_iterator(
+  data_config: Any,
+  *,
+  local_batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  split: str = "test",
+) -> grain.DatasetIterator:
+  """One in-order pass over ``split`` (this process's ``[p::n]`` slice).
+
+  The last batch may be smaller than ``local_batch_size``; no example is dropped.
+  """
+  validate_data_config(
+    data_config,
+    local_batch_size=local_batch_size,
+    process_index=process_index,
+    process_count=process_count,
+  )
+  source = load_source(data_config, split)
+  ds = grain.MapDataset.range(len(source))[process_index::process_count]
+  ds = ds.batch(local_batch_size, drop_remainder=False)
+  ds = ds.map(_ReadBatch(source, _image_shape(data_config)))
+  ds = ds.to_iter_dataset(_read_options(data_config))
+  return iter(ds)
+
+
+# ---------------------------------------------------------------------------
+# Orbax integration.
+# ---------------------------------------------------------------------------
+
+
+def iterator_checkpoint_handler() -> Any:
+  """Handler to register for the ``'data'`` item of an ``ocp.CheckpointManager``."""
+  return grain.checkpoint.CheckpointHandler()
+
+
+def iterator_save_args(it: grain.DatasetIterator) -> Any:
+  """``grain.checkpoint.CheckpointSave(it)``: the ``'data'`` entry of ``ocp.args.Composite``."""
+  return grain.checkpoint.CheckpointSave(it)
+
+
+def iterator_restore_args(it: grain.DatasetIterator) -> Any:
+  """``grain.checkpoint.CheckpointRestore(it)``; Orbax restores ``it`` in place."""
+  return grain.checkpoint.CheckpointRestore(it)

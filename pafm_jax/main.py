@@ -1,0 +1,27 @@
+"""Entry point: python -m pafm_jax.main --config=configs/fmnist_sit.py --workdir=DIR."""
+
+from absl import app, flags
+import jax
+from ml_collections import config_flags
+
+from pafm_jax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Path to a config file in configs/.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
+flags.DEFINE_bool('distributed', False,
+                  'Call jax.distributed.initialize() first (multi-host TPU pods and GPU clusters).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if FLAGS.distributed:
+    jax.distributed.initialize()
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,377 @@
+"""The one training loop of pafm_jax: every model and objective trains through `train_step`.
+
+`train_and_evaluate(config, workdir)` validates the config, builds the mesh, initialises (or
+restores) the sharded train state, compiles the step once from abstract shapes, and runs it,
+logging, sampling and checkpointing as the config says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+from clu import metric_writers, periodic_actions
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from PIL import Image
+
+from pafm_jax import checkpointing, objectives, paths, sampling, sharding
+from pafm_jax.data import pipeline
+from pafm_jax.models import sit
+
+NUM_T_BUCKETS = 5
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------
+# Config validation: every check that can fail runs before any data or compilation work.
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int,
+                    process_count: int) -> tuple[int, ...]:
+  """Raises ValueError with the field to change; returns the resolved mesh shape."""
+  if config.model.name not in sit.SIT_SIZES:
+    raise ValueError(f'unknown model {config.model.name!r}; config.model.name must be one of '
+                     f'{sorted(sit.SIT_SIZES)}.')
+  patch = sit.SIT_SIZES[config.model.name]['patch_size']
+  if config.data.image_size % patch:
+    raise ValueError(f'config.data.image_size={config.data.image_size} is not divisible by the '
+                     f'patch size {patch} of {config.model.name}; pick another model or size.')
+  objectives.get_target(config.objective.name)
+  paths.get_path(config.objective.path)
+  if config.objective.t_sampling not in objectives.T_SAMPLINGS:
+    raise ValueError(f'unknown t sampling {config.objective.t_sampling!r}; '
+                     f'config.objective.t_sampling must be one of {objectives.T_SAMPLINGS}.')
+  if config.sample.method not in sampling.SAMPLERS:
+    raise ValueError(f'unknown sampler {config.sample.method!r}; config.sample.method must be '
+                     f'one of {sorted(sampling.SAMPLERS)}.')
+  if config.model.dtype not in DTYPES:
+    raise ValueError(f'config.model.dtype must be one of {sorted(DTYPES)}, '
+                     f'got {config.model.dtype!r}.')
+  shape = sharding.mesh_shape(dict(config.mesh), num_devices)
+  shards = int(np.prod(shape))
+  if config.global_batch_size % shards:
+    raise ValueError(f'config.global_batch_size={config.global_batch_size} is not divisible by '
+                     f'the {shards} batch shards of mesh {dict(zip(sharding.MESH_AXES, shape))}.')
+  if config.global_batch_size % process_count:
+    raise ValueError(f'config.global_batch_size={config.global_batch_size} is not divisible by '
+                     f'the {process_count} processes.')
+  for field in ('total_steps', 'log_every_steps', 'checkpoint_every_steps',
+                'sample_every_steps'):
+    if config[field] < 1:
+      raise ValueError(f'config.{field} must be ≥ 1, got {config[field]}.')
+  return shape
+
+
+# --------------------------------------------------------------------------------------------
+# The network, used functionally: parameters are a plain nested dict of arrays.
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+  """A Flax NNX model split into a static graph and a pure-dict parameter tree."""
+  graphdef: Any
+  abstract_params: Any      # nested dict of jax.ShapeDtypeStruct
+  logical_axes: Any         # nested dict of tuples of logical axis names
+  null_label: int
+
+  def apply(self, params, x, t, y):
+    """Velocity f_θ(x_t, t, y): x [B, H, W, C], t [B], y [B] → [B, H, W, C]."""
+    return nnx.merge(self.graphdef, params)(x, t, y)
+
+
+def model_factory(config: ml_collections.ConfigDict) -> Callable[[jax.Array], nnx.Module]:
+  def make(rng: jax.Array) -> nnx.Module:
+    return sit.sit_from_name(
+        config.model.name, input_size=config.data.image_size,
+        in_channels=config.data.channels, num_classes=config.data.num_classes,
+        rngs=nnx.Rngs(params=rng), dtype=DTYPES[config.model.dtype],
+        param_dtype=jnp.float32, remat=config.model.remat)
+  return make
+
+
+def build_network(config: ml_collections.ConfigDict) -> Network:
+  """Builds the model abstractly (no memory) to get its graph, shapes and logical axes."""
+  abstract_model = nnx.eval_shape(lambda: model_factory(config)(jax.random.key(0)))
+  graphdef, state = nnx.split(abstract_model, nnx.Param)
+  logical = jax.tree.map(tuple, nnx.to_pure_dict(nnx.get_partition_spec(state)),
+                         is_leaf=lambda x: isinstance(x, P))
+  return Network(graphdef, nnx.to_pure_dict(state), logical, config.data.num_classes)
+
+
+def count_params(tree: Any) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer, EMA and the train state.
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up to a constant rate (SiT trains at a constant 1e-4)."""
+  if opt.warmup_steps > 0:
+    return optax.warmup_constant_schedule(0.0, opt.learning_rate, opt.warmup_steps)
+  return optax.constant_schedule(opt.learning_rate)
+
+
+def make_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(opt.grad_clip),
+      optax.adamw(learning_rate_schedule(opt), b1=opt.b1, b2=opt.b2,
+                  weight_decay=opt.weight_decay))
+
+
+def ema_decay(step: jax.Array, decay: float) -> jax.Array:
+  """EMA decay with warm-up: min(decay, (1 + n)/(10 + n)) at update n (METHOD.md §7).
+
+  Without the warm-up a short run's EMA is still mostly its zero-initialised start.
+  """
+  n = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+
+
+def init_state(rng: jax.Array, make_model, tx: optax.GradientTransformation) -> dict:
+  params = nnx.to_pure_dict(nnx.state(make_model(rng), nnx.Param))
+  return {
+      'step': jnp.zeros((), jnp.int32),
+      'params': params,
+      'ema_params': jax.tree.map(jnp.copy, params),
+      'opt_state': tx.init(params),
+  }
+
+
+def state_shardings(abstract_state: dict, net: Network, tx: optax.GradientTransformation,
+                    mesh, rules) -> dict:
+  """Params, EMA and the optimizer's per-parameter moments sharded by the logical rules."""
+  replicated = NamedSharding(mesh, P())
+  params = sharding.tree_shardings(abstract_state['params'], net.logical_axes, mesh, rules)
+  opt_state = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_state['opt_state'], params,
+      transform_non_params=lambda _: replicated)
+  return {'step': replicated, 'params': params, 'ema_params': params, 'opt_state': opt_state}
+
+
+# --------------------------------------------------------------------------------------------
+# The step.
+
+
+def make_train_step(config: ml_collections.ConfigDict, net: Network,
+                    tx: optax.GradientTransformation) -> Callable:
+  path = paths.get_path(config.objective.path)
+  target_fn = objectives.get_target(config.objective.name)
+  schedule = learning_rate_schedule(config.optimizer)
+  base_key = jax.random.key(config.seed)
+  loss_fn = functools.partial(
+      objectives.velocity_loss, net.apply, path=path, target_fn=target_fn,
+      t_sampling=config.objective.t_sampling, label_drop=config.objective.label_drop,
+      null_label=net.null_label)
+
+  def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
+    # Randomness is a function of (seed, step) only, so a resumed run draws the same numbers.
+    rng = jax.random.fold_in(base_key, state['step'])
+    (loss, aux), grads = jax.value_and_grad(
+        lambda p: loss_fn(p, batch, rng), has_aux=True)(state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    decay = ema_decay(state['step'], config.optimizer.ema_decay)
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state['ema_params'], params)
+
+    bucket = jax.nn.one_hot(
+        jnp.clip(jnp.floor(aux['t'] * NUM_T_BUCKETS), 0, NUM_T_BUCKETS - 1).astype(jnp.int32),
+        NUM_T_BUCKETS)
+    metrics = {
+        'loss': loss,
+        'grad_norm': optax.tree.norm(grads),
+        'learning_rate': schedule(state['step']),
+        't_bucket_loss_sum': bucket.T @ aux['per_sample'],
+        't_bucket_count': jnp.sum(bucket, axis=0),
+    }
+    new_state = {'step': state['step'] + 1, 'params': params, 'ema_params': ema,
+                 'opt_state': opt_state}
+    return new_state, metrics
+
+  return train_step
+
+
+def batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """Global shapes and dtypes of the fields the step consumes."""
+  b, s, c = config.global_batch_size, config.data.image_size, config.data.channels
+  return {'image': ((b, s, s, c), jnp.float32), 'label': ((b,), jnp.int32)}
+
+
+def to_global_batch(local: dict, spec: dict, mesh) -> dict:
+  """Assembles each process's slice of the batch into one global, batch-sharded array."""
+  return {k: jax.make_array_from_process_local_data(
+      sharding.batch_sharding(mesh, len(shape)), np.asarray(local[k], dtype), shape)
+      for k, (shape, dtype) in spec.items()}
+
+
+def summarize(history: list[dict]) -> dict[str, float]:
+  """Averages the per-step metrics of one logging interval on the host."""
+  history = jax.device_get(history)
+  out = {k: float(np.mean([h[k] for h in history]))
+         for k in ('loss', 'grad_norm', 'learning_rate')}
+  sums = np.sum([h['t_bucket_loss_sum'] for h in history], axis=0)
+  counts = np.sum([h['t_bucket_count'] for h in history], axis=0)
+  for i in range(NUM_T_BUCKETS):
+    if counts[i] > 0:
+      out[f'loss_t{i / NUM_T_BUCKETS:.1f}-{(i + 1) / NUM_T_BUCKETS:.1f}'] = float(
+          sums[i] / counts[i])
+  return out
+
+
+# --------------------------------------------------------------------------------------------
+# Sample grids.
+
+
+def make_sampler(config: ml_collections.ConfigDict, net: Network, mesh) -> Callable:
+  """Jitted class-conditional sampler: params, rng → images [rows·cols, H, W, C]."""
+  rows = min(config.data.num_classes, 10)
+  labels = jnp.repeat(jnp.arange(rows), config.sample.per_class)
+  shape = (config.data.image_size, config.data.image_size, config.data.channels)
+
+  def draw(params, rng):
+    return sampling.sample(
+        functools.partial(net.apply, params), rng, labels, shape,
+        method=config.sample.method, num_steps=config.sample.num_steps,
+        cfg_scale=config.sample.cfg_scale, null_label=net.null_label)
+
+  return jax.jit(draw, out_shardings=NamedSharding(mesh, P()))
+
+
+def image_grid(images: np.ndarray, cols: int) -> np.ndarray:
+  """[N, H, W, C] in [−1, 1] → a uint8 grid [rows·(H+2), cols·(W+2), 1 or 3], a row per class."""
+  images = np.clip((np.asarray(images, np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
+  if images.shape[-1] > 3:  # latents: show the first three channels
+    images = images[..., :3]
+  n, h, w, c = images.shape
+  rows = n // cols
+  grid = np.full((rows * (h + 2), cols * (w + 2), c), 255, np.uint8)
+  for i in range(n):
+    r, k = divmod(i, cols)
+    grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, k * (w + 2) + 1:k * (w + 2) + 1 + w] = images[i]
+  return grid
+
+
+def write_sample_grid(images, cols: int, workdir: str, step: int, writer) -> str:
+  grid = image_grid(images, cols)
+  path = os.path.join(workdir, 'samples', f'samples_{step:08d}.png')
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    scale = max(1, 256 // grid.shape[1] + 1)  # upscale tiny images so the grid is viewable
+    img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+  writer.write_images(step, {'samples': grid[None]})
+  return path
+
+
+# --------------------------------------------------------------------------------------------
+# The loop.
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains until config.total_steps, resuming from the latest checkpoint in workdir.
+
+  Returns the final train state (sharded arrays) and the last logged metrics.
+  """
+  mesh_shape = validate_config(config, jax.device_count(), jax.process_count())
+  checkpointing.check_and_save_config(config, workdir)
+  mesh = sharding.create_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)))
+  rules = tuple(config.logical_axis_rules)
+  logging.info('mesh %s over %d devices (%d processes)', dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+
+  net = build_network(config)
+  tx = make_optimizer(config.optimizer)
+  make_model = model_factory(config)
+  init_fn = functools.partial(init_state, make_model=make_model, tx=tx)
+  abstract_state = jax.eval_shape(init_fn, jax.random.key(config.seed))
+  shardings = state_shardings(abstract_state, net, tx, mesh, rules)
+  logging.info('model %s: %s parameters', config.model.name,
+               f'{count_params(abstract_state["params"]):,}')
+
+  data_iter = pipeline.create_train_iterator(
+      config.data, local_batch_size=config.global_batch_size // jax.process_count(),
+      process_index=jax.process_index(), process_count=jax.process_count(), seed=config.seed)
+
+  manager = checkpointing.create_manager(workdir, save_every=config.checkpoint_every_steps,
+                                         max_to_keep=config.keep_checkpoints)
+  latest = manager.latest_step()
+  if latest is not None:
+    logging.info('restoring checkpoint at step %d from %s', latest, manager.directory)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_state, shardings)
+    state = checkpointing.restore(manager, latest, target, data_iter)
+  else:
+    # Initialised under jit straight into its shards: no full copy on any one device.
+    state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.seed))
+  start_step = int(jax.device_get(state['step']))
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if start_step >= config.total_steps:
+    logging.info('step %d ≥ total_steps %d: nothing to do.', start_step, config.total_steps)
+    manager.close()
+    writer.close()
+    return {'state': state, 'metrics': {}}
+
+  spec = batch_spec(config)
+  abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype,
+                                            sharding=sharding.batch_sharding(mesh, len(shape)))
+                    for k, (shape, dtype) in spec.items()}
+  replicated = NamedSharding(mesh, P())
+  with sharding.logical_rules(mesh, rules):
+    step_fn = jax.jit(make_train_step(config, net, tx),
+                      in_shardings=(shardings, {k: v.sharding for k, v in abstract_batch.items()}),
+                      out_shardings=(shardings, replicated), donate_argnums=(0,))
+    t0 = time.time()
+    compiled = step_fn.lower(
+        jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                     abstract_state, shardings), abstract_batch).compile()
+  logging.info('compiled the train step in %.1f s', time.time() - t0)
+  sampler = make_sampler(config, net, mesh)
+  sample_rng = jax.random.fold_in(jax.random.key(config.seed), 0x5A3)
+
+  if start_step == 0:
+    writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
+  report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
+                                           every_steps=config.log_every_steps)
+  history: list[dict] = []
+  last = {}
+  step = start_step
+  while step < config.total_steps:
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      batch = to_global_batch(next(data_iter), spec, mesh)
+      state, metrics = compiled(state, batch)
+    step += 1
+    history.append(metrics)
+    report(step)
+    is_last = step == config.total_steps
+    if step % config.log_every_steps == 0 or is_last:
+      last = summarize(history)
+      history = []
+      writer.write_scalars(step, last)
+    if step % config.sample_every_steps == 0 or is_last:
+      params = state['ema_params'] if config.sample.use_ema else state['params']
+      images = sampler(params, jax.random.fold_in(sample_rng, step))
+      path = write_sample_grid(jax.device_get(images), config.sample.per_class, workdir, step,
+                               writer)
+      logging.info('step %d: sample grid %s', step, path)
+    # Orbax also saves off-interval when the host received a preemption notice.
+    checkpointing.save(manager, step, state, data_iter, force=is_last)
+    if manager.reached_preemption(step):
+      logging.warning('preemption signal at step %d: checkpointed, exiting.', step)
+      break
+  manager.wait_until_finished()
+  manager.close()
+  writer.flush()
+  writer.close()
+  return {'state': state, 'metrics': last}

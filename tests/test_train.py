@@ -1,0 +1,213 @@
+"""The train step and loop: sharding, resumption, configs and bad input."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import fmnist_sit, sit_b2, sit_xl2
+from pafm_jax import checkpointing, sharding, train
+from pafm_jax.data import pipeline
+
+
+def tiny_config(tfds_dir: str, **overrides) -> ml_collections.ConfigDict:
+  c = fmnist_sit.get_config()
+  c.data.tfds_dir = tfds_dir
+  c.model.name = 'SiT-T/4'
+  c.global_batch_size = 16
+  c.total_steps = 4
+  c.log_every_steps = 2
+  c.checkpoint_every_steps = 2
+  c.sample_every_steps = 1000
+  c.sample.num_steps = 2
+  c.sample.per_class = 1
+  c.mesh.data = -1
+  c.mesh.fsdp = 2
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+# ---------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize('module,expected', [(sit_b2, 130e6), (sit_xl2, 675e6)])
+def test_paper_configs_build_abstractly(module, expected):
+  """SiT-B/2 ≈ 130 M and SiT-XL/2 ≈ 675 M parameters (SiT paper), built with eval_shape."""
+  config = module.get_config()
+  assert (config.global_batch_size, config.total_steps) == (256, 400_000)
+  assert config.optimizer.learning_rate == 1e-4 and config.optimizer.ema_decay == 0.9999
+  assert (config.data.image_size, config.data.channels, config.data.num_classes) == (32, 4, 1000)
+  net = train.build_network(config)
+  n = train.count_params(net.abstract_params)
+  assert abs(n - expected) / expected < 0.01, n
+  # The optimizer state and EMA build abstractly too, and every leaf gets a sharding.
+  mesh = sharding.create_mesh({'data': 2, 'fsdp': 4})
+  tx = train.make_optimizer(config.optimizer)
+  abstract = jax.eval_shape(lambda r: train.init_state(r, train.model_factory(config), tx),
+                            jax.random.key(0))
+  sh = train.state_shardings(abstract, net, tx, mesh, config.logical_axis_rules)
+  assert jax.tree.structure(sh) == jax.tree.structure(abstract)
+
+
+def test_mesh_shape_resolution():
+  assert sharding.mesh_shape({'data': -1, 'fsdp': 4}, 8) == (2, 4)
+  assert sharding.mesh_shape({'data': 1, 'fsdp': -1}, 8) == (1, 8)
+  with pytest.raises(ValueError, match='-1'):
+    sharding.mesh_shape({'data': -1, 'fsdp': -1}, 8)
+  with pytest.raises(ValueError, match='devices'):
+    sharding.mesh_shape({'data': 3, 'fsdp': 1}, 8)
+
+
+def test_logical_rules_map_dims_and_replicate_indivisible():
+  mesh = sharding.create_mesh({'data': 2, 'fsdp': 4})
+  rules = (('embed', 'fsdp'), ('act_batch', ('data', 'fsdp')))
+  P = jax.sharding.PartitionSpec
+  assert sharding.logical_to_spec(('embed', 'mlp'), rules, (64, 256), mesh) == P('fsdp', None)
+  assert sharding.logical_to_spec(('classes', 'embed'), rules, (11, 64), mesh) == P(None, 'fsdp')
+  # 10 rows cannot be split 4 ways: replicated rather than a crash.
+  assert sharding.logical_to_spec(('embed',), rules, (10,), mesh) == P(None)
+  assert sharding.logical_to_spec(('act_batch', None), rules, (16, 3), mesh) == P(('data', 'fsdp'), None)
+
+
+# ---------------------------------------------------------------------------- sharded step
+
+
+def _run_steps(config, mesh, batches):
+  net = train.build_network(config)
+  tx = train.make_optimizer(config.optimizer)
+  init_fn = lambda r: train.init_state(r, train.model_factory(config), tx)
+  abstract = jax.eval_shape(init_fn, jax.random.key(config.seed))
+  shardings = train.state_shardings(abstract, net, tx, mesh, config.logical_axis_rules)
+  state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.seed))
+  spec = train.batch_spec(config)
+  with sharding.logical_rules(mesh, config.logical_axis_rules):
+    step = jax.jit(train.make_train_step(config, net, tx),
+                   out_shardings=(shardings, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())),
+                   donate_argnums=(0,))
+    losses = []
+    for b in batches:
+      state, metrics = step(state, train.to_global_batch(b, spec, mesh))
+      losses.append(float(metrics['loss']))
+  return state, losses
+
+
+def test_sharded_step_matches_single_device(fmnist_tfds_dir):
+  """(data=2, fsdp=4) on 8 devices gives the loss and params of the 1-device step."""
+  assert jax.device_count() == 8
+  config = tiny_config(fmnist_tfds_dir)
+  it = pipeline.create_train_iterator(config.data, local_batch_size=16, process_index=0,
+                                      process_count=1, seed=0)
+  batches = [next(it) for _ in range(3)]
+  single = sharding.create_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
+  multi = sharding.create_mesh({'data': 2, 'fsdp': 4})
+  s1, l1 = _run_steps(config, single, batches)
+  s8, l8 = _run_steps(config, multi, batches)
+  np.testing.assert_allclose(l8, l1, rtol=1e-5)
+  flat1 = jax.tree.leaves_with_path(s1['params'])
+  flat8 = dict(jax.tree.leaves_with_path(s8['params']))
+  for path, a in flat1:
+    b = flat8[path]
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+  # Parameters really are FSDP-sharded: the hidden dim (128) split 4 ways.
+  fc1 = s8['params']['blocks'][0]['mlp']['fc1']['kernel']
+  assert fc1.shape == (128, 512)
+  assert {s.data.shape for s in fc1.addressable_shards} == {(32, 512)}
+  mu = s8['opt_state'][1][0].mu['blocks'][0]['mlp']['fc1']['kernel']
+  assert {s.data.shape for s in mu.addressable_shards} == {(32, 512)}
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def test_resume_is_bit_identical(fmnist_tfds_dir, tmp_path):
+  """N steps, stop, resume to 2N == 2N uninterrupted: params and data stream."""
+  n = 3
+  c_half = tiny_config(fmnist_tfds_dir, total_steps=n, checkpoint_every_steps=100)
+  c_full = tiny_config(fmnist_tfds_dir, total_steps=2 * n, checkpoint_every_steps=100)
+  resumed_dir, straight_dir = str(tmp_path / 'resumed'), str(tmp_path / 'straight')
+  first = train.train_and_evaluate(c_half, resumed_dir)
+  assert int(first['state']['step']) == n
+  assert sorted(os.listdir(os.path.join(resumed_dir, 'checkpoints'))) == [str(n)]
+  resumed = train.train_and_evaluate(c_full, resumed_dir)
+  straight = train.train_and_evaluate(c_full, straight_dir)
+  for key in ('params', 'ema_params', 'opt_state'):
+    for a, b in zip(jax.tree.leaves(resumed['state'][key]), jax.tree.leaves(straight['state'][key])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The data iterator saved at step N continues with the batches N+1.. of a fresh stream.
+  fresh = pipeline.create_train_iterator(c_full.data, local_batch_size=16, process_index=0,
+                                         process_count=1, seed=c_full.seed)
+  expected = [next(fresh)['id'] for _ in range(2 * n)]
+  restored_it = pipeline.create_train_iterator(c_full.data, local_batch_size=16,
+                                               process_index=0, process_count=1,
+                                               seed=c_full.seed)
+  manager = checkpointing.create_manager(resumed_dir, save_every=1, max_to_keep=3)
+  manager.restore(n, args=ocp.args.Composite(data=pipeline.iterator_restore_args(restored_it)))
+  for i in range(n, 2 * n):
+    np.testing.assert_array_equal(next(restored_it)['id'], expected[i])
+  manager.close()
+  # Both runs end with a checkpoint of their last step; a restart at total_steps does nothing.
+  assert str(2 * n) in os.listdir(os.path.join(resumed_dir, 'checkpoints'))
+  again = train.train_and_evaluate(c_full, resumed_dir)
+  assert int(again['state']['step']) == 2 * n
+  assert again['metrics'] == {}
+
+
+def test_checkpoint_params_restore_as_plain_arrays(fmnist_tfds_dir, tmp_path):
+  config = tiny_config(fmnist_tfds_dir, total_steps=2)
+  out = train.train_and_evaluate(config, str(tmp_path))
+  ckpt = ocp.StandardCheckpointer().restore(str(tmp_path / 'checkpoints' / '2' / 'state'))
+  leaves = jax.tree.leaves(ckpt['params'])
+  assert leaves and all(isinstance(x, (np.ndarray, jax.Array)) for x in leaves)
+  np.testing.assert_array_equal(
+      np.asarray(ckpt['params']['final_layer']['linear']['kernel']),
+      np.asarray(out['state']['params']['final_layer']['linear']['kernel']))
+  assert int(ckpt['step']) == 2
+  samples = os.listdir(tmp_path / 'samples')
+  assert samples == ['samples_00000002.png']
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize('overrides,message', [
+    ({'model.name': 'SiT-Q/2'}, 'config.model.name'),
+    ({'model.name': 'SiT-T/8'}, 'not divisible by the patch size'),
+    ({'objective.name': 'diffusion'}, 'config.objective.name'),
+    ({'objective.path': 'spiral'}, 'config.objective.path'),
+    ({'global_batch_size': 12}, 'not divisible by the 8 batch shards'),
+    ({'sample.method': 'rk4'}, 'config.sample.method'),
+])
+def test_bad_config_fails_before_any_work(overrides, message, tmp_path):
+  config = tiny_config('/nonexistent', **overrides)
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_missing_dataset_names_package_and_field(tmp_path):
+  config = tiny_config(str(tmp_path / 'tfds'), **{'data.idx_dir': str(tmp_path / 'nothing')})
+  with pytest.raises(FileNotFoundError) as err:
+    train.train_and_evaluate(config, str(tmp_path / 'work'))
+  assert 'dataset-fashion-mnist' in str(err.value)
+  assert 'config.data.idx_dir' in str(err.value)
+
+
+def test_workdir_with_other_model_shape_is_refused(tmp_path):
+  config = tiny_config('/nonexistent')
+  checkpointing.check_and_save_config(config, str(tmp_path))
+  saved = json.load(open(tmp_path / 'config.json'))
+  assert saved['model']['name'] == 'SiT-T/4'
+  other = tiny_config('/nonexistent', **{'model.name': 'SiT-XS/4'})
+  with pytest.raises(ValueError, match='model.name'):
+    train.train_and_evaluate(other, str(tmp_path))
