@@ -15,6 +15,7 @@ import json
 import os
 from typing import Any
 
+from etils import epath
 import grain
 import jax
 import ml_collections
@@ -39,11 +40,17 @@ def create_manager(workdir: str, *, save_every: int, max_to_keep: int,
       create=True,
   )
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), 'checkpoints'),
+      _workdir_path(workdir) / 'checkpoints',
       options=options,
       item_handlers={'state': ocp.StandardCheckpointHandler(),
                      'data': grain.checkpoint.CheckpointHandler()},
   )
+
+
+def _workdir_path(workdir: str) -> epath.Path:
+  """Local paths made absolute (Orbax wants them so); gs:// and other URLs kept as they are."""
+  path = epath.Path(workdir)
+  return path if '://' in workdir else epath.Path(os.path.abspath(workdir))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
@@ -75,10 +82,9 @@ def check_and_save_config(config: ml_collections.ConfigDict, workdir: str) -> No
 
   Called before any checkpoint is read, so a mismatch never silently restores wrong weights.
   """
-  path = os.path.join(workdir, 'config.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = ml_collections.ConfigDict(json.load(f))
+  path = _workdir_path(workdir) / 'config.json'
+  if path.exists():
+    saved = ml_collections.ConfigDict(json.loads(path.read_text()))
     diffs = []
     for field in SHAPE_FIELDS:
       try:
@@ -93,8 +99,7 @@ def check_and_save_config(config: ml_collections.ConfigDict, workdir: str) -> No
           f'workdir {workdir} holds a run with a different model shape ({"; ".join(diffs)}). '
           'Use a new --workdir, or set these config fields back to the saved values.')
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / 'config.json.tmp'
+    tmp.write_text(config.to_json_best_effort(indent=2))
+    tmp.rename(path)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
 from typing import Any, Callable
 
 from absl import logging
 from clu import metric_writers, periodic_actions
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -264,14 +264,69 @@ def image_grid(images: np.ndarray, cols: int) -> np.ndarray:
 
 def write_sample_grid(images, cols: int, workdir: str, step: int, writer) -> str:
   grid = image_grid(images, cols)
-  path = os.path.join(workdir, 'samples', f'samples_{step:08d}.png')
+  path = epath.Path(workdir) / 'samples' / f'samples_{step:08d}.png'
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     scale = max(1, 256 // grid.shape[1] + 1)  # upscale tiny images so the grid is viewable
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+    with path.open('wb') as f:
+      img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(f, format='PNG')
   writer.write_images(step, {'samples': grid[None]})
-  return path
+  return str(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Everything the step needs, derived once from the config and the mesh.
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  config: ml_collections.ConfigDict
+  mesh: Any
+  net: Network
+  tx: optax.GradientTransformation
+  init_fn: Callable[[jax.Array], dict]
+  abstract_state: dict
+  state_shardings: dict
+  batch_spec: dict
+
+  @classmethod
+  def create(cls, config: ml_collections.ConfigDict, mesh) -> 'TrainSetup':
+    net = build_network(config)
+    tx = make_optimizer(config.optimizer)
+    init_fn = functools.partial(init_state, make_model=model_factory(config), tx=tx)
+    abstract_state = jax.eval_shape(init_fn, jax.random.key(config.seed))
+    shardings = state_shardings(abstract_state, net, tx, mesh, tuple(config.logical_axis_rules))
+    return cls(config, mesh, net, tx, init_fn, abstract_state, shardings, batch_spec(config))
+
+  def init(self) -> dict:
+    """Initialised under jit straight into its shards: no full copy on any one device."""
+    return jax.jit(self.init_fn, out_shardings=self.state_shardings)(
+        jax.random.key(self.config.seed))
+
+  def sharded_abstract_state(self) -> dict:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self.abstract_state, self.state_shardings)
+
+  def abstract_batch(self) -> dict:
+    return {k: jax.ShapeDtypeStruct(shape, dtype,
+                                    sharding=sharding.batch_sharding(self.mesh, len(shape)))
+            for k, (shape, dtype) in self.batch_spec.items()}
+
+  def lower_step(self):
+    """The train step lowered from abstract shapes (nothing allocated, nothing run)."""
+    batch = self.abstract_batch()
+    with sharding.logical_rules(self.mesh, tuple(self.config.logical_axis_rules)):
+      step_fn = jax.jit(make_train_step(self.config, self.net, self.tx),
+                        in_shardings=(self.state_shardings,
+                                      {k: v.sharding for k, v in batch.items()}),
+                        out_shardings=(self.state_shardings, NamedSharding(self.mesh, P())),
+                        donate_argnums=(0,))
+      return step_fn.lower(self.sharded_abstract_state(), batch)
+
+  def compile_step(self):
+    """(state, global batch) → (state, metrics); the state's buffers are donated."""
+    return self.lower_step().compile()
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,18 +341,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh_shape = validate_config(config, jax.device_count(), jax.process_count())
   checkpointing.check_and_save_config(config, workdir)
   mesh = sharding.create_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)))
-  rules = tuple(config.logical_axis_rules)
   logging.info('mesh %s over %d devices (%d processes)', dict(mesh.shape), jax.device_count(),
                jax.process_count())
-
-  net = build_network(config)
-  tx = make_optimizer(config.optimizer)
-  make_model = model_factory(config)
-  init_fn = functools.partial(init_state, make_model=make_model, tx=tx)
-  abstract_state = jax.eval_shape(init_fn, jax.random.key(config.seed))
-  shardings = state_shardings(abstract_state, net, tx, mesh, rules)
+  setup = TrainSetup.create(config, mesh)
   logging.info('model %s: %s parameters', config.model.name,
-               f'{count_params(abstract_state["params"]):,}')
+               f'{count_params(setup.abstract_state["params"]):,}')
 
   data_iter = pipeline.create_train_iterator(
       config.data, local_batch_size=config.global_batch_size // jax.process_count(),
@@ -308,12 +356,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   latest = manager.latest_step()
   if latest is not None:
     logging.info('restoring checkpoint at step %d from %s', latest, manager.directory)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_state, shardings)
-    state = checkpointing.restore(manager, latest, target, data_iter)
+    state = checkpointing.restore(manager, latest, setup.sharded_abstract_state(), data_iter)
   else:
-    # Initialised under jit straight into its shards: no full copy on any one device.
-    state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.seed))
+    state = setup.init()
   start_step = int(jax.device_get(state['step']))
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -323,21 +368,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.close()
     return {'state': state, 'metrics': {}}
 
-  spec = batch_spec(config)
-  abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype,
-                                            sharding=sharding.batch_sharding(mesh, len(shape)))
-                    for k, (shape, dtype) in spec.items()}
-  replicated = NamedSharding(mesh, P())
-  with sharding.logical_rules(mesh, rules):
-    step_fn = jax.jit(make_train_step(config, net, tx),
-                      in_shardings=(shardings, {k: v.sharding for k, v in abstract_batch.items()}),
-                      out_shardings=(shardings, replicated), donate_argnums=(0,))
-    t0 = time.time()
-    compiled = step_fn.lower(
-        jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                     abstract_state, shardings), abstract_batch).compile()
+  t0 = time.time()
+  compiled = setup.compile_step()
   logging.info('compiled the train step in %.1f s', time.time() - t0)
-  sampler = make_sampler(config, net, mesh)
+  sampler = make_sampler(config, setup.net, mesh)
   sample_rng = jax.random.fold_in(jax.random.key(config.seed), 0x5A3)
 
   if start_step == 0:
@@ -347,31 +381,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   history: list[dict] = []
   last = {}
   step = start_step
-  while step < config.total_steps:
-    with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      batch = to_global_batch(next(data_iter), spec, mesh)
-      state, metrics = compiled(state, batch)
-    step += 1
-    history.append(metrics)
-    report(step)
-    is_last = step == config.total_steps
-    if step % config.log_every_steps == 0 or is_last:
-      last = summarize(history)
-      history = []
-      writer.write_scalars(step, last)
-    if step % config.sample_every_steps == 0 or is_last:
-      params = state['ema_params'] if config.sample.use_ema else state['params']
-      images = sampler(params, jax.random.fold_in(sample_rng, step))
-      path = write_sample_grid(jax.device_get(images), config.sample.per_class, workdir, step,
-                               writer)
-      logging.info('step %d: sample grid %s', step, path)
-    # Orbax also saves off-interval when the host received a preemption notice.
-    checkpointing.save(manager, step, state, data_iter, force=is_last)
-    if manager.reached_preemption(step):
-      logging.warning('preemption signal at step %d: checkpointed, exiting.', step)
-      break
-  manager.wait_until_finished()
-  manager.close()
-  writer.flush()
-  writer.close()
+  try:
+    while step < config.total_steps:
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        batch = to_global_batch(next(data_iter), setup.batch_spec, mesh)
+        state, metrics = compiled(state, batch)
+      step += 1
+      history.append(metrics)
+      report(step)
+      is_last = step == config.total_steps
+      if step % config.log_every_steps == 0 or is_last:
+        last = summarize(history)
+        history = []
+        writer.write_scalars(step, last)
+      if step % config.sample_every_steps == 0 or is_last:
+        params = state['ema_params'] if config.sample.use_ema else state['params']
+        images = sampler(params, jax.random.fold_in(sample_rng, step))
+        path = write_sample_grid(jax.device_get(images), config.sample.per_class, workdir, step,
+                                 writer)
+        logging.info('step %d: sample grid %s', step, path)
+      # Orbax also saves off-interval when the host received a preemption notice.
+      checkpointing.save(manager, step, state, data_iter, force=is_last)
+      if manager.reached_preemption(step):
+        logging.warning('preemption signal at step %d: checkpointed, exiting.', step)
+        break
+  finally:
+    # Let an in-flight async save finish even when the loop raised: Orbax only publishes a
+    # step directory once it is complete, so nothing half-written is ever left behind.
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+    writer.close()
   return {'state': state, 'metrics': last}

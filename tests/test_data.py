@@ -248,6 +248,17 @@ def test_process_shards_partition_each_epoch(process_count):
     np.testing.assert_array_equal(np.sort(np.concatenate(shards)), np.arange(60_000))
 
 
+def test_global_batch_does_not_depend_on_process_count():
+  """Process slices, concatenated in process order, are the single-process global batch."""
+  single = pipeline.train_index_dataset(60_000, local_batch_size=48, process_index=0,
+                                        process_count=1, seed=2)
+  for n in (2, 4):
+    parts = [pipeline.train_index_dataset(60_000, local_batch_size=48 // n, process_index=p,
+                                          process_count=n, seed=2) for p in range(n)]
+    for k in (0, 1, 1249, 1250, 3000):  # 1250 batches per epoch: across the epoch boundary
+      np.testing.assert_array_equal(np.concatenate([d[k] for d in parts]), single[k])
+
+
 def test_uneven_process_count_gives_equal_disjoint_shards():
   process_count, b = 7, 1000  # 60000 // 7 = 8571 per process -> 8 batches per epoch
   shards = []

@@ -83,21 +83,13 @@ def test_logical_rules_map_dims_and_replicate_indivisible():
 
 
 def _run_steps(config, mesh, batches):
-  net = train.build_network(config)
-  tx = train.make_optimizer(config.optimizer)
-  init_fn = lambda r: train.init_state(r, train.model_factory(config), tx)
-  abstract = jax.eval_shape(init_fn, jax.random.key(config.seed))
-  shardings = train.state_shardings(abstract, net, tx, mesh, config.logical_axis_rules)
-  state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.seed))
-  spec = train.batch_spec(config)
-  with sharding.logical_rules(mesh, config.logical_axis_rules):
-    step = jax.jit(train.make_train_step(config, net, tx),
-                   out_shardings=(shardings, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())),
-                   donate_argnums=(0,))
-    losses = []
-    for b in batches:
-      state, metrics = step(state, train.to_global_batch(b, spec, mesh))
-      losses.append(float(metrics['loss']))
+  setup = train.TrainSetup.create(config, mesh)
+  state = setup.init()
+  step = setup.compile_step()
+  losses = []
+  for b in batches:
+    state, metrics = step(state, train.to_global_batch(b, setup.batch_spec, mesh))
+    losses.append(float(metrics['loss']))
   return state, losses
 
 

@@ -4,9 +4,8 @@ Train pipeline (:func:`create_train_iterator`), one per JAX process::
 
   MapDataset.range(N)                      example indices of the split
     .shuffle(derived seed)                 global permutation, new one every epoch
-    [: N - N % process_count]              equal shards: every process has the same
-    [process_index :: process_count]         number of batches per epoch
-    .batch(local_batch_size, drop_remainder=True)   per epoch (no batch spans two epochs)
+    .batch(global_batch, drop_remainder=True)       per epoch (no batch spans two epochs)
+    .map(rows [p*b, (p+1)*b) of each global batch)  this process's slice
     .repeat()                              forever; upstream shuffle reseeded per epoch
     .map(read + preprocess one batch)      one `source.__getitems__` call per batch
     .to_iter_dataset(ReadOptions)          thread prefetch
@@ -18,8 +17,9 @@ and does not depend on ``worker_count`` (``mp_prefetch`` hands out whole batches
 round-robin).  :func:`train_index_dataset` exposes that index stream alone.
 
 All processes must pass the same ``seed`` (the permutation is global; each process
-takes every ``process_count``-th element of it, so the shards of one epoch are
-disjoint and together cover the split minus ``N % process_count`` examples).
+takes its rows of every global batch, so the shards of one epoch are disjoint and
+together cover the split minus ``N % global_batch`` examples, and the global batch
+does not depend on how many processes share it).
 
 Checkpointing the iterator with Orbax (grain 0.2.18, orbax-checkpoint 0.12.8)::
 
@@ -294,17 +294,21 @@ def train_index_dataset(
   """
   _check_int("num_examples", num_examples, 1)
   _check_int("local_batch_size", local_batch_size, 1)
-  per_process = num_examples // process_count
-  if local_batch_size > per_process:
+  global_batch = local_batch_size * process_count
+  if global_batch > num_examples:
     raise ValueError(
-      f"local_batch_size={local_batch_size} is larger than the "
-      f"{per_process} examples each of the {process_count} processes gets "
-      f"per epoch ({num_examples} examples); lower the global batch size."
+      f"the global batch ({local_batch_size} per process x {process_count} "
+      f"processes) is larger than the {num_examples} examples of an epoch; "
+      f"lower the global batch size."
     )
+  # Cut each epoch's permutation into global batches and give process p rows
+  # [p*b, (p+1)*b) of each: the global batch assembled by
+  # `jax.make_array_from_process_local_data` is then the same whatever the
+  # number of processes, so a multi-host run reproduces a single-host one.
   ds = grain.MapDataset.range(num_examples).shuffle(seed=shuffle_seed_for(seed))
-  ds = ds[: per_process * process_count]
-  ds = ds[process_index::process_count]
-  ds = ds.batch(local_batch_size, drop_remainder=True)
+  ds = ds.batch(global_batch, drop_remainder=True)
+  start = process_index * local_batch_size
+  ds = ds.map(lambda ids: ids[start:start + local_batch_size])
   return ds.repeat(None)
 
 
