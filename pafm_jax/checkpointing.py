@@ -102,4 +102,4 @@ def check_and_save_config(config: ml_collections.ConfigDict, workdir: str) -> No
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / 'config.json.tmp'
     tmp.write_text(config.to_json_best_effort(indent=2))
-    tmp.rename(path)
+    tmp.replace(path)
