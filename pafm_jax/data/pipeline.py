@@ -279,6 +279,16 @@ def _maybe_mp_prefetch(ds: grain.IterDataset, data_config: Any) -> grain.IterDat
 # ---------------------------------------------------------------------------
 
 
+class _ProcessRows:
+  """This process's rows [start, start + size) of a global batch of indices (picklable)."""
+
+  def __init__(self, start: int, size: int):
+    self._start, self._size = start, size
+
+  def __call__(self, ids: np.ndarray) -> np.ndarray:
+    return ids[self._start:self._start + self._size]
+
+
 def train_index_dataset(
   num_examples: int,
   *,
@@ -307,8 +317,7 @@ def train_index_dataset(
   # number of processes, so a multi-host run reproduces a single-host one.
   ds = grain.MapDataset.range(num_examples).shuffle(seed=shuffle_seed_for(seed))
   ds = ds.batch(global_batch, drop_remainder=True)
-  start = process_index * local_batch_size
-  ds = ds.map(lambda ids: ids[start:start + local_batch_size])
+  ds = ds.map(_ProcessRows(process_index * local_batch_size, local_batch_size))
   return ds.repeat(None)
 
 
