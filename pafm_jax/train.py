@@ -215,6 +215,21 @@ def to_global_batch(local: dict, spec: dict, mesh) -> dict:
       for k, (shape, dtype) in spec.items()}
 
 
+def flatten_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{'model.name': 'SiT-T/4', ...}: the config as TensorBoard hyperparameters."""
+  flat = {}
+
+  def visit(prefix: str, node: Any) -> None:
+    if isinstance(node, dict):
+      for k, v in node.items():
+        visit(f'{prefix}{k}.', v)
+    else:
+      flat[prefix[:-1]] = node if isinstance(node, (bool, int, float, str)) else str(node)
+
+  visit('', config.to_dict())
+  return flat
+
+
 def summarize(history: list[dict]) -> dict[str, float]:
   """Averages the per-step metrics of one logging interval on the host."""
   history = jax.device_get(history)
@@ -375,7 +390,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sample_rng = jax.random.fold_in(jax.random.key(config.seed), 0x5A3)
 
   if start_step == 0:
-    writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
+    writer.write_hparams(flatten_config(config))
   report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
                                            every_steps=config.log_every_steps)
   history: list[dict] = []

@@ -119,6 +119,26 @@ def test_sharded_step_matches_single_device(fmnist_tfds_dir):
   assert {s.data.shape for s in mu.addressable_shards} == {(32, 512)}
 
 
+def test_bf16_compute_keeps_fp32_state_and_tracks_fp32_loss(fmnist_tfds_dir):
+  config = tiny_config(fmnist_tfds_dir)
+  it = pipeline.create_train_iterator(config.data, local_batch_size=16, process_index=0,
+                                      process_count=1, seed=0)
+  batches = [next(it) for _ in range(2)]
+  mesh = sharding.create_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
+  s32, l32 = _run_steps(config, mesh, batches)
+  config.model.dtype = 'bfloat16'
+  s16, l16 = _run_steps(config, mesh, batches)
+  assert {x.dtype for x in jax.tree.leaves(s16['params'])} == {jnp.dtype('float32')}
+  assert {x.dtype for x in jax.tree.leaves(s16['ema_params'])} == {jnp.dtype('float32')}
+  np.testing.assert_allclose(l16, l32, rtol=2e-2)
+
+
+def test_flatten_config_for_hparams():
+  flat = train.flatten_config(fmnist_sit.get_config())
+  assert flat['model.name'] == 'SiT-T/4' and flat['optimizer.learning_rate'] == 2e-3
+  assert flat['total_steps'] == 2000 and isinstance(flat['logical_axis_rules'], str)
+
+
 # ---------------------------------------------------------------------------- the loop
 
 

@@ -145,10 +145,10 @@ class FashionMnistIdx(tfds.core.GeneratorBasedBuilder):
   # Registered name: `fashion_mnist_idx` (derived from the class name).
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Raw uint8 image tensor, label, id = position."}
-  # TFDS derives `code_path` (only used to find a download checksums file)
-  # via `importlib_resources`, which is not installed here (tfds 4.9.10
-  # imports it lazily and does not declare it).  Nothing is downloaded, so
-  # there is no checksums file: short-circuit the lookup.
+  # TFDS derives `code_path` only to find a download checksums file, through
+  # `importlib_resources` (which tfds 4.9.10 imports lazily without declaring
+  # it; requirements.txt pins it).  Nothing is downloaded here, so there is no
+  # checksums file: skip the lookup.
   code_path = None
 
   def __init__(
