@@ -25,7 +25,7 @@ BATCH_AXES = ('data', 'fsdp')
 LogicalAxes = Sequence[str | None]
 Rules = Sequence[tuple[str, Any]]
 
-_active: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.ContextVar(
+_active: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
     'pafm_jax_sharding', default=None)
 
 
@@ -71,7 +71,9 @@ def logical_to_spec(logical: LogicalAxes, rules: Rules, shape: Sequence[int] | N
   With `shape` and `mesh`, a dimension that the mesh axes do not divide is replicated instead
   (e.g. an 11-row label table on a 4-way fsdp axis); a mesh axis is used at most once.
   """
-  table = dict(rules)
+  table: dict[str, Any] = {}
+  for name, axes in rules:
+    table.setdefault(name, axes)
   used: set[str] = set()
   spec = []
   for i, name in enumerate(logical):
@@ -122,7 +124,7 @@ def num_batch_shards(mesh: Mesh) -> int:
 @contextlib.contextmanager
 def logical_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
   """Activates `constrain` for the code traced inside the block."""
-  token = _active.set((mesh, dict(rules)))
+  token = _active.set((mesh, tuple(rules)))
   try:
     yield
   finally:
@@ -135,5 +137,5 @@ def constrain(x: jax.Array, logical: LogicalAxes) -> jax.Array:
   if active is None:
     return x
   mesh, rules = active
-  spec = logical_to_spec(logical, list(rules.items()), x.shape, mesh)
+  spec = logical_to_spec(logical, rules, x.shape, mesh)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -377,26 +377,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start_step = int(jax.device_get(state['step']))
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  if start_step >= config.total_steps:
-    logging.info('step %d ≥ total_steps %d: nothing to do.', start_step, config.total_steps)
-    manager.close()
-    writer.close()
-    return {'state': state, 'metrics': {}}
-
-  t0 = time.time()
-  compiled = setup.compile_step()
-  logging.info('compiled the train step in %.1f s', time.time() - t0)
-  sampler = make_sampler(config, setup.net, mesh)
-  sample_rng = jax.random.fold_in(jax.random.key(config.seed), 0x5A3)
-
-  if start_step == 0:
-    writer.write_hparams(flatten_config(config))
-  report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
-                                           every_steps=config.log_every_steps)
-  history: list[dict] = []
   last = {}
-  step = start_step
   try:
+    if start_step >= config.total_steps:
+      logging.info('step %d ≥ total_steps %d: nothing to do.', start_step, config.total_steps)
+      return {'state': state, 'metrics': last}
+    t0 = time.time()
+    compiled = setup.compile_step()
+    logging.info('compiled the train step in %.1f s', time.time() - t0)
+    sampler = make_sampler(config, setup.net, mesh)
+    sample_rng = jax.random.fold_in(jax.random.key(config.seed), 0x5A3)
+
+    if start_step == 0:
+      writer.write_hparams(flatten_config(config))
+    report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
+                                             every_steps=config.log_every_steps)
+    history: list[dict] = []
+    step = start_step
     while step < config.total_steps:
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         batch = to_global_batch(next(data_iter), setup.batch_spec, mesh)
