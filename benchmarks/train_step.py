@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-from pafm_jax import sharding, train
+from pafm_jax import train
 
 config_flags.DEFINE_config_file('config', 'configs/fmnist_sit.py', 'Config to benchmark.')
 flags.DEFINE_integer('rounds', 5, 'Alternating timing rounds.')
@@ -34,8 +34,7 @@ VARIANTS = {
 
 def main(_):
   base = FLAGS.config
-  mesh_shape = train.validate_config(base, jax.device_count(), jax.process_count())
-  mesh = sharding.create_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)))
+  mesh = train.validated_mesh(base)
   rng = np.random.default_rng(0)
   b, s, c = base.global_batch_size, base.data.image_size, base.data.channels
   batch = {'image': rng.uniform(-1, 1, (b, s, s, c)).astype(np.float32),

@@ -40,14 +40,14 @@ def create_manager(workdir: str, *, save_every: int, max_to_keep: int,
       create=True,
   )
   return ocp.CheckpointManager(
-      _workdir_path(workdir) / 'checkpoints',
+      workdir_path(workdir) / 'checkpoints',
       options=options,
       item_handlers={'state': ocp.StandardCheckpointHandler(),
                      'data': grain.checkpoint.CheckpointHandler()},
   )
 
 
-def _workdir_path(workdir: str) -> epath.Path:
+def workdir_path(workdir: str) -> epath.Path:
   """Local paths made absolute (Orbax wants them so); gs:// and other URLs kept as they are."""
   path = epath.Path(workdir)
   return path if '://' in workdir else epath.Path(os.path.abspath(workdir))
@@ -82,7 +82,7 @@ def check_and_save_config(config: ml_collections.ConfigDict, workdir: str) -> No
 
   Called before any checkpoint is read, so a mismatch never silently restores wrong weights.
   """
-  path = _workdir_path(workdir) / 'config.json'
+  path = workdir_path(workdir) / 'config.json'
   if path.exists():
     saved = ml_collections.ConfigDict(json.loads(path.read_text()))
     diffs = []

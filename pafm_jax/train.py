@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 from absl import logging
 from clu import metric_writers, periodic_actions
-from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -70,6 +69,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
     if config[field] < 1:
       raise ValueError(f'config.{field} must be ≥ 1, got {config[field]}.')
   return shape
+
+
+def validated_mesh(config: ml_collections.ConfigDict):
+  """Validates the config against the devices of this run, then builds its mesh."""
+  shape = validate_config(config, jax.device_count(), jax.process_count())
+  return sharding.create_mesh(dict(zip(sharding.MESH_AXES, shape)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,7 +284,7 @@ def image_grid(images: np.ndarray, cols: int) -> np.ndarray:
 
 def write_sample_grid(images, cols: int, workdir: str, step: int, writer) -> str:
   grid = image_grid(images, cols)
-  path = epath.Path(workdir) / 'samples' / f'samples_{step:08d}.png'
+  path = checkpointing.workdir_path(workdir) / 'samples' / f'samples_{step:08d}.png'
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
     scale = max(1, 256 // grid.shape[1] + 1)  # upscale tiny images so the grid is viewable
@@ -304,6 +309,7 @@ class TrainSetup:
   abstract_state: dict
   state_shardings: dict
   batch_spec: dict
+  rules: tuple
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict, mesh) -> 'TrainSetup':
@@ -311,8 +317,10 @@ class TrainSetup:
     tx = make_optimizer(config.optimizer)
     init_fn = functools.partial(init_state, make_model=model_factory(config), tx=tx)
     abstract_state = jax.eval_shape(init_fn, jax.random.key(config.seed))
-    shardings = state_shardings(abstract_state, net, tx, mesh, tuple(config.logical_axis_rules))
-    return cls(config, mesh, net, tx, init_fn, abstract_state, shardings, batch_spec(config))
+    rules = tuple(config.logical_axis_rules)
+    shardings = state_shardings(abstract_state, net, tx, mesh, rules)
+    return cls(config, mesh, net, tx, init_fn, abstract_state, shardings, batch_spec(config),
+               rules)
 
   def init(self) -> dict:
     """Initialised under jit straight into its shards: no full copy on any one device."""
@@ -331,7 +339,7 @@ class TrainSetup:
   def lower_step(self):
     """The train step lowered from abstract shapes (nothing allocated, nothing run)."""
     batch = self.abstract_batch()
-    with sharding.logical_rules(self.mesh, tuple(self.config.logical_axis_rules)):
+    with sharding.logical_rules(self.mesh, self.rules):
       step_fn = jax.jit(make_train_step(self.config, self.net, self.tx),
                         in_shardings=(self.state_shardings,
                                       {k: v.sharding for k, v in batch.items()}),
@@ -353,9 +361,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Returns the final train state (sharded arrays) and the last logged metrics.
   """
-  mesh_shape = validate_config(config, jax.device_count(), jax.process_count())
+  mesh = validated_mesh(config)
   checkpointing.check_and_save_config(config, workdir)
-  mesh = sharding.create_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)))
   logging.info('mesh %s over %d devices (%d processes)', dict(mesh.shape), jax.device_count(),
                jax.process_count())
   setup = TrainSetup.create(config, mesh)
