@@ -20,9 +20,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1})
   # Logical axis -> mesh axis (None = replicated). Parameters are FSDP-sharded along their
   # hidden dim; activations along the batch, which is split over both mesh axes.
+  # StableVM's memory bank is split along its slots.
   c.logical_axis_rules = (
       ('embed', 'fsdp'),
       ('act_batch', ('data', 'fsdp')),
+      ('bank_slot', ('data', 'fsdp')),
   )
 
   c.model = ml_collections.ConfigDict()
@@ -35,6 +37,25 @@ def get_config() -> ml_collections.ConfigDict:
   c.objective.path = 'linear'
   c.objective.t_sampling = 'uniform'
   c.objective.label_drop = 0.1
+  # PAFM (METHOD.md §3): posterior-mean target over candidate endpoints.
+  c.objective.pafm = ml_collections.ConfigDict()
+  c.objective.pafm.sources = 'batch'       # 'batch' | 'retrieved' | 'batch+retrieved'
+  c.objective.pafm.stratified = False      # METHOD.md §3 stratified combination (both sources)
+  c.objective.pafm.t_min = 0.0             # plain FM below this t
+  c.objective.pafm.temperature = 1.0       # likelihood temperature; 1 = the exact posterior
+  c.objective.pafm.condition = 'class'     # 'class' mask or 'text' similarity
+  c.objective.pafm.text_tau = 0.1          # τ of the text term cos(e_i, e_j)/τ
+  # StableVM (METHOD.md §4): SNIS over a per-class FIFO memory bank.
+  c.objective.stablevm = ml_collections.ConfigDict()
+  c.objective.stablevm.bank_capacity = 256  # samples per class (and in the null label's pool)
+  c.objective.stablevm.bank_dtype = 'float32'
+  c.objective.stablevm.t_min = 0.5
+  c.objective.stablevm.temperature = 1.0
+
+  # Retrieved posterior candidates delivered by the data pipeline as batch fields.
+  c.retrieval = ml_collections.ConfigDict()
+  c.retrieval.mode = 'none'                # 'none' | 'clean' (kNN of x0) | 'noisy' (of x_t/α_t)
+  c.retrieval.k = 16                       # neighbours per sample
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-4

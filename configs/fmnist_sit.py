@@ -22,4 +22,6 @@ def get_config():
   c.optimizer.warmup_steps = 100
   c.optimizer.ema_decay = 0.999
   c.sample.cfg_scale = 1.5
+  # PAFM over the whole global batch; FM is one override away: --config.objective.name=fm.
+  c.objective.name = 'pafm'
   return c

@@ -28,6 +28,7 @@ from pafm_jax.data import pipeline
 from pafm_jax.models import sit
 
 NUM_T_BUCKETS = 5
+BUCKETED_DIAGNOSTICS = ('ess', 'target_shift')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -45,7 +46,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   if config.data.image_size % patch:
     raise ValueError(f'config.data.image_size={config.data.image_size} is not divisible by the '
                      f'patch size {patch} of {config.model.name}; pick another model or size.')
-  objectives.get_target(config.objective.name)
+  objectives.check_objective_config(config)
   paths.get_path(config.objective.path)
   if config.objective.t_sampling not in objectives.T_SAMPLINGS:
     raise ValueError(f'unknown t sampling {config.objective.t_sampling!r}; '
@@ -144,25 +145,33 @@ def ema_decay(step: jax.Array, decay: float) -> jax.Array:
   return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
 
 
-def init_state(rng: jax.Array, make_model, tx: optax.GradientTransformation) -> dict:
+def init_state(rng: jax.Array, make_model, tx: optax.GradientTransformation,
+               memory: objectives.MemoryBank | None = None) -> dict:
   params = nnx.to_pure_dict(nnx.state(make_model(rng), nnx.Param))
-  return {
+  state = {
       'step': jnp.zeros((), jnp.int32),
       'params': params,
       'ema_params': jax.tree.map(jnp.copy, params),
       'opt_state': tx.init(params),
   }
+  if memory is not None:  # StableVM's bank lives (and is checkpointed) with the weights
+    state['memory'] = memory.init()
+  return state
 
 
 def state_shardings(abstract_state: dict, net: Network, tx: optax.GradientTransformation,
-                    mesh, rules) -> dict:
+                    mesh, rules, memory: objectives.MemoryBank | None = None) -> dict:
   """Params, EMA and the optimizer's per-parameter moments sharded by the logical rules."""
   replicated = NamedSharding(mesh, P())
   params = sharding.tree_shardings(abstract_state['params'], net.logical_axes, mesh, rules)
   opt_state = optax.tree_map_params(
       tx, lambda _, s: s, abstract_state['opt_state'], params,
       transform_non_params=lambda _: replicated)
-  return {'step': replicated, 'params': params, 'ema_params': params, 'opt_state': opt_state}
+  out = {'step': replicated, 'params': params, 'ema_params': params, 'opt_state': opt_state}
+  if memory is not None:
+    out['memory'] = sharding.tree_shardings(abstract_state['memory'], memory.logical_axes(),
+                                            mesh, rules)
+  return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,19 +179,26 @@ def state_shardings(abstract_state: dict, net: Network, tx: optax.GradientTransf
 
 
 def make_train_step(config: ml_collections.ConfigDict, net: Network,
-                    tx: optax.GradientTransformation) -> Callable:
+                    tx: optax.GradientTransformation, objective: objectives.Objective) -> Callable:
   path = paths.get_path(config.objective.path)
-  target_fn = objectives.get_target(config.objective.name)
   schedule = learning_rate_schedule(config.optimizer)
   base_key = jax.random.key(config.seed)
+  bank = objective.memory
   loss_fn = functools.partial(
-      objectives.velocity_loss, net.apply, path=path, target_fn=target_fn,
-      t_sampling=config.objective.t_sampling, label_drop=config.objective.label_drop,
+      objectives.velocity_loss, net.apply, path=path, target_fn=objective.target,
+      t_sampling=config.objective.t_sampling,
+      # StableVM draws its labels, nulls included, from the bank.
+      label_drop=0.0 if bank is not None else config.objective.label_drop,
       null_label=net.null_label)
 
   def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
     # Randomness is a function of (seed, step) only, so a resumed run draws the same numbers.
     rng = jax.random.fold_in(base_key, state['step'])
+    new_state = {}
+    if bank is not None:
+      new_state['memory'], batch = objectives.bank_training_batch(
+          bank, state['memory'], batch, jax.random.fold_in(rng, 1),
+          config.objective.label_drop)
     (loss, aux), grads = jax.value_and_grad(
         lambda p: loss_fn(p, batch, rng), has_aux=True)(state['params'])
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
@@ -197,20 +213,34 @@ def make_train_step(config: ml_collections.ConfigDict, net: Network,
         'loss': loss,
         'grad_norm': optax.tree.norm(grads),
         'learning_rate': schedule(state['step']),
-        't_bucket_loss_sum': bucket.T @ aux['per_sample'],
         't_bucket_count': jnp.sum(bucket, axis=0),
     }
-    new_state = {'step': state['step'] + 1, 'params': params, 'ema_params': ema,
-                 'opt_state': opt_state}
+    # Per-t-bucket sums of the loss and of the objective's diagnostics (ESS, target shift).
+    per_sample = {'loss': aux['per_sample'],
+                  **{k: aux[k] for k in BUCKETED_DIAGNOSTICS if k in aux}}
+    for name, values in per_sample.items():
+      metrics[f't_bucket_{name}_sum'] = bucket.T @ values
+    new_state.update(step=state['step'] + 1, params=params, ema_params=ema, opt_state=opt_state)
     return new_state, metrics
 
   return train_step
 
 
 def batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """Global shapes and dtypes of the fields the step consumes."""
+  """Global shapes and dtypes of the fields the step consumes.
+
+  With retrieval on, the data pipeline also delivers each sample's id and its k neighbours
+  (samples, labels, ids); in 'noisy' mode it draws t and ε itself (the query is x_t/α_t).
+  """
   b, s, c = config.global_batch_size, config.data.image_size, config.data.channels
-  return {'image': ((b, s, s, c), jnp.float32), 'label': ((b,), jnp.int32)}
+  spec = {'image': ((b, s, s, c), jnp.float32), 'label': ((b,), jnp.int32)}
+  if config.retrieval.mode != 'none':
+    k = config.retrieval.k
+    spec.update(id=((b,), jnp.int32), neighbours=((b, k, s, s, c), jnp.float32),
+                neighbour_labels=((b, k), jnp.int32), neighbour_ids=((b, k), jnp.int32))
+  if config.retrieval.mode == 'noisy':
+    spec.update(t=((b,), jnp.float32), eps=((b, s, s, c), jnp.float32))
+  return spec
 
 
 def to_global_batch(local: dict, spec: dict, mesh) -> dict:
@@ -236,16 +266,26 @@ def flatten_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def summarize(history: list[dict]) -> dict[str, float]:
-  """Averages the per-step metrics of one logging interval on the host."""
+  """Averages the per-step metrics of one logging interval on the host.
+
+  Per-sample quantities (loss, and the PAFM/StableVM diagnostics 'ess', 'target_shift') are
+  also reported per t-bucket, e.g. 'ess_t0.8-1.0'.
+  """
   history = jax.device_get(history)
   out = {k: float(np.mean([h[k] for h in history]))
          for k in ('loss', 'grad_norm', 'learning_rate')}
-  sums = np.sum([h['t_bucket_loss_sum'] for h in history], axis=0)
   counts = np.sum([h['t_bucket_count'] for h in history], axis=0)
-  for i in range(NUM_T_BUCKETS):
-    if counts[i] > 0:
-      out[f'loss_t{i / NUM_T_BUCKETS:.1f}-{(i + 1) / NUM_T_BUCKETS:.1f}'] = float(
-          sums[i] / counts[i])
+  for name in ('loss', *BUCKETED_DIAGNOSTICS):
+    key = f't_bucket_{name}_sum'
+    if key not in history[0]:
+      continue
+    sums = np.sum([h[key] for h in history], axis=0)
+    if name != 'loss':
+      out[name] = float(np.sum(sums) / np.sum(counts))
+    for i in range(NUM_T_BUCKETS):
+      if counts[i] > 0:
+        out[f'{name}_t{i / NUM_T_BUCKETS:.1f}-{(i + 1) / NUM_T_BUCKETS:.1f}'] = float(
+            sums[i] / counts[i])
   return out
 
 
@@ -310,17 +350,23 @@ class TrainSetup:
   state_shardings: dict
   batch_spec: dict
   rules: tuple
+  objective: objectives.Objective
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict, mesh) -> 'TrainSetup':
     net = build_network(config)
     tx = make_optimizer(config.optimizer)
-    init_fn = functools.partial(init_state, make_model=model_factory(config), tx=tx)
+    class_sizes = None
+    if config.objective.name == 'pafm' and config.objective.pafm.stratified:
+      class_sizes = pipeline.class_sizes(config.data)
+    objective = objectives.make_objective(config, class_sizes)
+    init_fn = functools.partial(init_state, make_model=model_factory(config), tx=tx,
+                                memory=objective.memory)
     abstract_state = jax.eval_shape(init_fn, jax.random.key(config.seed))
     rules = tuple(config.logical_axis_rules)
-    shardings = state_shardings(abstract_state, net, tx, mesh, rules)
+    shardings = state_shardings(abstract_state, net, tx, mesh, rules, objective.memory)
     return cls(config, mesh, net, tx, init_fn, abstract_state, shardings, batch_spec(config),
-               rules)
+               rules, objective)
 
   def init(self) -> dict:
     """Initialised under jit straight into its shards: no full copy on any one device."""
@@ -340,7 +386,7 @@ class TrainSetup:
     """The train step lowered from abstract shapes (nothing allocated, nothing run)."""
     batch = self.abstract_batch()
     with sharding.logical_rules(self.mesh, self.rules):
-      step_fn = jax.jit(make_train_step(self.config, self.net, self.tx),
+      step_fn = jax.jit(make_train_step(self.config, self.net, self.tx, self.objective),
                         in_shardings=(self.state_shardings,
                                       {k: v.sharding for k, v in batch.items()}),
                         out_shardings=(self.state_shardings, NamedSharding(self.mesh, P())),
@@ -362,6 +408,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns the final train state (sharded arrays) and the last logged metrics.
   """
   mesh = validated_mesh(config)
+  if config.retrieval.mode != 'none':
+    raise ValueError(
+        f'config.retrieval.mode={config.retrieval.mode!r}, but this data pipeline has no '
+        "retrieval stage yet to deliver the 'neighbours' batch fields. Set "
+        "config.retrieval.mode='none' (PAFM over the global batch), or call "
+        'train.TrainSetup.compile_step() with batches that carry the fields of '
+        'train.batch_spec(config).')
   checkpointing.check_and_save_config(config, workdir)
   logging.info('mesh %s over %d devices (%d processes)', dict(mesh.shape), jax.device_count(),
                jax.process_count())

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import fmnist_sit
 from pafm_jax import objectives, paths, sampling, train
 
 
@@ -62,8 +63,10 @@ def test_uniform_t_and_label_drop_rates():
 def test_unknown_names_raise():
   with pytest.raises(ValueError, match='config.objective.path'):
     paths.get_path('spiral')
+  config = fmnist_sit.get_config()
+  config.objective.name = 'diffusion'
   with pytest.raises(ValueError, match='config.objective.name'):
-    objectives.get_target('diffusion')
+    objectives.make_objective(config)
   with pytest.raises(ValueError, match='config.objective.t_sampling'):
     objectives.sample_t(jax.random.key(0), 4, 'beta')
 

@@ -93,10 +93,17 @@ def _run_steps(config, mesh, batches):
   return state, losses
 
 
-def test_sharded_step_matches_single_device(fmnist_tfds_dir):
-  """(data=2, fsdp=4) on 8 devices gives the loss and params of the 1-device step."""
+@pytest.mark.parametrize('objective', ['fm', 'pafm', 'stablevm'])
+def test_sharded_step_matches_single_device(fmnist_tfds_dir, objective):
+  """(data=2, fsdp=4) on 8 devices gives the loss and params of the 1-device step.
+
+  For PAFM the in-batch candidates are the global batch in both runs, so the targets agree
+  only if the sharded step gathers every shard's endpoints; StableVM's bank is split along its
+  slots over all 8 devices.
+  """
   assert jax.device_count() == 8
-  config = tiny_config(fmnist_tfds_dir)
+  config = tiny_config(fmnist_tfds_dir, **{'objective.name': objective,
+                                           'objective.stablevm.bank_capacity': 8})
   it = pipeline.create_train_iterator(config.data, local_batch_size=16, process_index=0,
                                       process_count=1, seed=0)
   batches = [next(it) for _ in range(3)]
@@ -117,6 +124,11 @@ def test_sharded_step_matches_single_device(fmnist_tfds_dir):
   assert {s.data.shape for s in fc1.addressable_shards} == {(32, 512)}
   mu = s8['opt_state'][1][0].mu['blocks'][0]['mlp']['fc1']['kernel']
   assert {s.data.shape for s in mu.addressable_shards} == {(32, 512)}
+  if objective == 'stablevm':
+    for a, b in zip(jax.tree.leaves(s1['memory']), jax.tree.leaves(s8['memory'])):
+      np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+    images = s8['memory']['images']   # [11 rows, 8 slots, 28, 28, 1]: one slot per device
+    assert {s.data.shape[1] for s in images.addressable_shards} == {1}
 
 
 def test_bf16_compute_keeps_fp32_state_and_tracks_fp32_loss(fmnist_tfds_dir):
@@ -142,18 +154,22 @@ def test_flatten_config_for_hparams():
 # ---------------------------------------------------------------------------- the loop
 
 
-def test_resume_is_bit_identical(fmnist_tfds_dir, tmp_path):
-  """N steps, stop, resume to 2N == 2N uninterrupted: params and data stream."""
+@pytest.mark.parametrize('objective', ['pafm', 'stablevm'])
+def test_resume_is_bit_identical(fmnist_tfds_dir, tmp_path, objective):
+  """N steps, stop, resume to 2N == 2N uninterrupted: params, StableVM's bank, data stream."""
   n = 3
-  c_half = tiny_config(fmnist_tfds_dir, total_steps=n, checkpoint_every_steps=100)
-  c_full = tiny_config(fmnist_tfds_dir, total_steps=2 * n, checkpoint_every_steps=100)
+  over = {'objective.name': objective, 'objective.stablevm.bank_capacity': 8,
+          'checkpoint_every_steps': 100}
+  c_half = tiny_config(fmnist_tfds_dir, total_steps=n, **over)
+  c_full = tiny_config(fmnist_tfds_dir, total_steps=2 * n, **over)
   resumed_dir, straight_dir = str(tmp_path / 'resumed'), str(tmp_path / 'straight')
   first = train.train_and_evaluate(c_half, resumed_dir)
   assert int(first['state']['step']) == n
   assert sorted(os.listdir(os.path.join(resumed_dir, 'checkpoints'))) == [str(n)]
   resumed = train.train_and_evaluate(c_full, resumed_dir)
   straight = train.train_and_evaluate(c_full, straight_dir)
-  for key in ('params', 'ema_params', 'opt_state'):
+  assert set(resumed['state']) == set(straight['state'])
+  for key in resumed['state']:
     for a, b in zip(jax.tree.leaves(resumed['state'][key]), jax.tree.leaves(straight['state'][key])):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # The data iterator saved at step N continues with the batches N+1.. of a fresh stream.
@@ -199,6 +215,8 @@ def test_checkpoint_params_restore_as_plain_arrays(fmnist_tfds_dir, tmp_path):
     ({'objective.path': 'spiral'}, 'config.objective.path'),
     ({'global_batch_size': 12}, 'not divisible by the 8 batch shards'),
     ({'sample.method': 'rk4'}, 'config.sample.method'),
+    ({'objective.pafm.sources': 'batch+retrieved'}, 'config.retrieval.mode'),
+    ({'retrieval.mode': 'noisy'}, 'no retrieval stage'),
 ])
 def test_bad_config_fails_before_any_work(overrides, message, tmp_path):
   config = tiny_config('/nonexistent', **overrides)

@@ -78,6 +78,7 @@ __all__ = [
   "shuffle_seed_for",
   "train_index_dataset",
   "validate_data_config",
+  "class_sizes",
 ]
 
 
@@ -196,6 +197,31 @@ def load_source(data_config: Any, split: str | None = None) -> Sequence[dict[str
       "(config.data.tfds_dir); prepare it there as array_record first."
     )
   return builder.as_data_source(split=split)
+
+
+def class_sizes(data_config: Any, split: str | None = None) -> np.ndarray:
+  """Per-class example counts ``int64 [num_classes]`` of ``split`` (default ``data.split``).
+
+  Read from the dataset's TFDS metadata (``metadata['class_sizes'][split]``), which the
+  stratified PAFM estimator needs; the Fashion-MNIST builder writes it, and a dataset
+  prepared elsewhere must store it the same way.
+  """
+  name = _get(data_config, "name")
+  split = split or _get(data_config, "split", "train")
+  tfds_dir = resolve_tfds_dir(data_config)
+  if name == FASHION_MNIST:
+    idx_dir = _get(data_config, "idx_dir") or fashion_mnist.DEFAULT_IDX_DIR
+    return fashion_mnist.class_sizes(split, builder=fashion_mnist.prepare(tfds_dir, idx_dir))
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  meta = tfds.builder(name, data_dir=tfds_dir).info.metadata or {}
+  if split not in meta.get("class_sizes", {}):
+    raise ValueError(
+      f"TFDS dataset {name!r} under {tfds_dir} has no metadata['class_sizes'][{split!r}]; "
+      "the stratified PAFM combination needs the size of every class. Store it in the "
+      "dataset's metadata, or set config.objective.pafm.stratified=False."
+    )
+  return np.asarray(meta["class_sizes"][split], dtype=np.int64)
 
 
 def create_eval_source(data_config: Any, split: str = "test") -> Sequence[dict[str, Any]]:
