@@ -8,14 +8,12 @@ the same machine state. Prints images/s, achieved FLOP/s from XLA's cost analysi
 when --peak_tflops is given), and each variant's median step time relative to the baseline.
 """
 
-import statistics
-import time
-
 from absl import app, flags
 import jax
 import numpy as np
 from ml_collections import config_flags
 
+from benchmarks import common
 from pafm_jax import train
 
 config_flags.DEFINE_config_file('config', 'configs/fmnist_sit.py', 'Config to benchmark.')
@@ -45,40 +43,23 @@ def main(_):
     config = base.copy_and_resolve_references()
     with config.unlocked():
       config.model.update(model_overrides)
-    setup = train.TrainSetup.create(config, mesh)
-    lowered = setup.lower_step()
-    compiled = lowered.compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    global_batch = train.to_global_batch(batch, setup.batch_spec, mesh)
-    state = setup.init()
-    state, m = compiled(state, global_batch)  # warm-up
-    jax.block_until_ready(m)
-    runs[name] = {'step': compiled, 'state': state, 'batch': global_batch, 'times': [],
-                  'flops': float(cost.get('flops', 0.0))}
+    runs[name] = common.prepare_run(config, mesh, batch)
     print(f'{name}: compiled; {runs[name]["flops"] / 1e9:.2f} GFLOP per step', flush=True)
 
-  for r in range(FLAGS.rounds):
-    for name, run in runs.items():
-      t0 = time.perf_counter()
-      for _ in range(FLAGS.steps_per_round):
-        run['state'], m = run['step'](run['state'], run['batch'])
-      jax.block_until_ready(m)
-      run['times'].append((time.perf_counter() - t0) / FLAGS.steps_per_round)
-    print(f'round {r + 1}/{FLAGS.rounds} done', flush=True)
+  common.time_alternating(runs, FLAGS.rounds, FLAGS.steps_per_round)
 
-  base_t = statistics.median(runs['fp32']['times'])
+  base_t = common.median_time(runs['fp32'])
   print(f'\n{base.model.name}, global batch {b}, {jax.device_count()} x '
         f'{jax.devices()[0].device_kind}')
   print(f'{"variant":<12}{"ms/step":>10}{"img/s":>10}{"GFLOP/s":>10}{"MFU":>8}{"vs fp32":>9}')
   for name, run in runs.items():
-    t = statistics.median(run['times'])
+    t = common.median_time(run)
     achieved = run['flops'] / t
     mfu = f'{achieved / (FLAGS.peak_tflops * 1e12 * jax.device_count()):.1%}' if (
         FLAGS.peak_tflops) else '-'
     print(f'{name:<12}{t * 1e3:>10.1f}{b / t:>10.1f}{achieved / 1e9:>10.1f}{mfu:>8}'
           f'{t / base_t:>8.2f}x')
-  ratios = ', '.join(f'{n} {statistics.median(r["times"]) / base_t:.2f}x'
+  ratios = ', '.join(f'{n} {common.median_time(r) / base_t:.2f}x'
                      for n, r in runs.items() if n != 'fp32')
   print(f'fp32 {b / base_t:.1f} img/s; step time relative to fp32: {ratios}')
 

@@ -79,6 +79,7 @@ __all__ = [
   "train_index_dataset",
   "validate_data_config",
   "class_sizes",
+  "load_arrays",
 ]
 
 
@@ -197,6 +198,16 @@ def load_source(data_config: Any, split: str | None = None) -> Sequence[dict[str
       "(config.data.tfds_dir); prepare it there as array_record first."
     )
   return builder.as_data_source(split=split)
+
+
+def load_arrays(data_config: Any, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """A whole (small) split in memory: images float32 [N, H, W, C] in [-1, 1], labels int32 [N].
+
+  For tools that enumerate the dataset (exact posteriors, benchmarks); training streams.
+  """
+  source = load_source(data_config, split)
+  batch = _ReadBatch(source, _image_shape(data_config))(np.arange(len(source)))
+  return batch["image"], batch["label"]
 
 
 def class_sizes(data_config: Any, split: str | None = None) -> np.ndarray:

@@ -1,0 +1,48 @@
+"""What every benchmark here shares: compile a config's step, read XLA's cost and memory
+analysis, and time variants in alternating rounds so they all see the same machine state."""
+
+import statistics
+import time
+
+import jax
+
+from pafm_jax import train
+
+
+def compiled_cost(compiled) -> dict[str, float]:
+  """FLOPs, bytes accessed and peak memory of a compiled step (XLA's static analysis)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  mem = compiled.memory_analysis()
+  peak = getattr(mem, 'peak_memory_in_bytes', 0) or (
+      mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+      - mem.alias_size_in_bytes)
+  return {'flops': float(cost.get('flops', 0.0)),
+          'bytes': float(cost.get('bytes accessed', 0.0)), 'peak_bytes': float(peak)}
+
+
+def prepare_run(config, mesh, local_batch: dict) -> dict:
+  """Compiles the config's step, initialises its state and runs one warm-up step."""
+  setup = train.TrainSetup.create(config, mesh)
+  compiled = setup.compile_step()
+  batch = train.to_global_batch(local_batch, setup.batch_spec, mesh)
+  state, metrics = compiled(setup.init(), batch)
+  jax.block_until_ready(metrics)
+  return {'step': compiled, 'state': state, 'batch': batch, 'times': [],
+          **compiled_cost(compiled)}
+
+
+def time_alternating(runs: dict[str, dict], rounds: int, steps_per_round: int) -> None:
+  """Appends each run's mean step time of every round to run['times'], variants interleaved."""
+  for r in range(rounds):
+    for run in runs.values():
+      t0 = time.perf_counter()
+      for _ in range(steps_per_round):
+        run['state'], metrics = run['step'](run['state'], run['batch'])
+      jax.block_until_ready(metrics)
+      run['times'].append((time.perf_counter() - t0) / steps_per_round)
+    print(f'round {r + 1}/{rounds} done', flush=True)
+
+
+def median_time(run: dict) -> float:
+  return statistics.median(run['times'])
