@@ -69,8 +69,9 @@ def proximity_scores(x_t: jax.Array, t: jax.Array, cand_x0: jax.Array, path) -> 
 def in_batch_proximity_scores(x_t: jax.Array, t: jax.Array, x0: jax.Array, path) -> jax.Array:
   """The same scores with every endpoint of the batch as a candidate for every sample.
 
-  x_t, x0: [B, *S] → [B, B] (row i: sample i, column j: candidate x0_j), through one [B, B]
-  Gram matmul; the [B, B, *S] candidate tensor is never formed.
+  x_t: [B, *S], x0: [N, *S] (the batch's endpoints, N = B; or any shared candidate set) →
+  [B, N] (row i: sample i, column j: candidate x0_j), through one Gram matmul; the
+  [B, N, *S] candidate tensor is never formed.
   """
   alpha = jnp.asarray(path.alpha(jnp.asarray(t, jnp.float32)), jnp.float32)
   x, c = _flat(x_t), _flat(x0)
@@ -156,8 +157,12 @@ def posterior_mean(weights: jax.Array, cand_x0: jax.Array) -> jax.Array:
 
 
 def in_batch_posterior_mean(weights: jax.Array, x0: jax.Array) -> jax.Array:
-  """x̄0 with the batch as candidates: one [B, B] × [B, D] matmul.  x0 [B, *S] → [B, *S]."""
-  return jnp.matmul(weights, _flat(x0), precision=_HIGHEST).reshape(x0.shape)
+  """x̄0 with the batch (or a shared set) as candidates: one [B, N] × [N, D] matmul.
+
+  weights [B, N], x0 [N, *S] → [B, *S].
+  """
+  mean = jnp.matmul(weights, _flat(x0), precision=_HIGHEST)
+  return mean.reshape(weights.shape[:1] + x0.shape[1:])
 
 
 def velocity_of_mean(x_t: jax.Array, t: jax.Array, x0_mean: jax.Array, path) -> jax.Array:

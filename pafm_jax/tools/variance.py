@@ -54,13 +54,9 @@ def _class_posterior(x_t, t, class_items, *, path, k):
 
   x_t: [R, *S] rows of one class; class_items: [N_c, *S] → (x̄0 [R, *S], top-k indices [R, k]).
   """
-  x = x_t.reshape(x_t.shape[0], -1)
-  c = class_items.reshape(class_items.shape[0], -1)
-  alpha = path.alpha(t)
-  scores = (alpha[:, None] * jnp.matmul(x, c.T, precision=jax.lax.Precision.HIGHEST)
-            - 0.5 * jnp.square(alpha)[:, None] * jnp.sum(c * c, axis=1)[None, :])
+  scores = posterior.in_batch_proximity_scores(x_t, t, class_items, path)
   weights = posterior.weights_from_scores(scores, t, jnp.zeros_like(scores), path)
-  mean = jnp.matmul(weights, c, precision=jax.lax.Precision.HIGHEST).reshape(x_t.shape)
+  mean = posterior.in_batch_posterior_mean(weights, class_items)
   return mean, jax.lax.top_k(scores, k)[1]
 
 
