@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.name = 'SiT-XL/2'
   c.model.dtype = 'float32'      # compute dtype; parameters stay float32
   c.model.remat = False          # rematerialise each transformer block in the backward pass
+  # REPA projector head for VA-REPA (METHOD.md §4). Not implemented yet: must stay False; an
+  # imported REPA/StableVM checkpoint's projector weights are dropped while it is.
+  c.model.projector = False
 
   c.objective = ml_collections.ConfigDict()
   c.objective.name = 'fm'

@@ -15,6 +15,7 @@ import json
 import os
 from typing import Any
 
+from absl import logging
 from etils import epath
 import grain
 import jax
@@ -61,13 +62,40 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: A
       data=grain.checkpoint.CheckpointSave(data_iterator)), force=force)
 
 
+def has_data_state(manager: ocp.CheckpointManager, step: int) -> bool:
+  """Whether checkpoint `step` holds a data-iterator item (imported checkpoints do not)."""
+  return (epath.Path(manager.directory) / str(step) / 'data').exists()
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
             data_iterator: Any) -> Any:
-  """Restores the state onto the shardings in `abstract_state`, and the iterator in place."""
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=grain.checkpoint.CheckpointRestore(data_iterator)))
-  return restored['state']
+  """Restores the state onto the shardings in `abstract_state`, and the iterator in place.
+
+  A checkpoint written by `pafm_jax.tools.import_torch` has no data item: the iterator is then
+  left at its start, which is where a fresh run's stream begins.
+  """
+  args = {'state': ocp.args.StandardRestore(abstract_state)}
+  if has_data_state(manager, step):
+    args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+  else:
+    logging.info('checkpoint %d has no data-iterator state (an imported checkpoint): the data '
+                 'stream starts from its beginning, with the optimizer state stored by the '
+                 'import.', step)
+  return manager.restore(step, args=ocp.args.Composite(**args))['state']
+
+
+def save_imported(workdir: str, step: int, state: Any) -> None:
+  """Writes `state` as checkpoint `step` with no data item (see `restore`); blocks until done.
+
+  Orbax writes into a temporary directory and renames it when complete, so a failure leaves
+  no step directory behind.
+  """
+  manager = create_manager(workdir, save_every=1, max_to_keep=1, async_save=False)
+  try:
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+    manager.wait_until_finished()
+  finally:
+    manager.close()
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str):
@@ -82,6 +110,12 @@ def check_and_save_config(config: ml_collections.ConfigDict, workdir: str) -> No
 
   Called before any checkpoint is read, so a mismatch never silently restores wrong weights.
   """
+  check_config(config, workdir)
+  save_config(config, workdir)
+
+
+def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ValueError if workdir/config.json has other values of SHAPE_FIELDS."""
   path = workdir_path(workdir) / 'config.json'
   if path.exists():
     saved = ml_collections.ConfigDict(json.loads(path.read_text()))
@@ -98,6 +132,11 @@ def check_and_save_config(config: ml_collections.ConfigDict, workdir: str) -> No
       raise ValueError(
           f'workdir {workdir} holds a run with a different model shape ({"; ".join(diffs)}). '
           'Use a new --workdir, or set these config fields back to the saved values.')
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes workdir/config.json (process 0), replacing any earlier one atomically."""
+  path = workdir_path(workdir) / 'config.json'
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / 'config.json.tmp'

@@ -54,6 +54,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   if config.sample.method not in sampling.SAMPLERS:
     raise ValueError(f'unknown sampler {config.sample.method!r}; config.sample.method must be '
                      f'one of {sorted(sampling.SAMPLERS)}.')
+  if config.model.get('projector', False):
+    raise ValueError('config.model.projector=True asks for a VA-REPA projector head, which '
+                     'pafm_jax does not implement yet; set it to False.')
   if config.model.dtype not in DTYPES:
     raise ValueError(f'config.model.dtype must be one of {sorted(DTYPES)}, '
                      f'got {config.model.dtype!r}.')

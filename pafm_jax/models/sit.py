@@ -369,8 +369,10 @@ class SiT(nnx.Module):
 # ------------------------------------------------------------------------------------------------
 
 # (depth, hidden_size, num_heads). S/B/L/XL are the DiT/SiT paper sizes; T and XS are small
-# sizes for CPU/laptop runs (head dim 32 and 64).
+# sizes for CPU/laptop runs (head dim 32 and 64). P ("pico", ~5 K parameters) is for tests:
+# the upstream-PyTorch reference checkpoints under tests/fixtures have its shape.
 _SIZE_SHAPES = {
+    'P': (2, 8, 2),
     'T': (4, 128, 4),
     'XS': (6, 256, 4),
     'S': (12, 384, 6),

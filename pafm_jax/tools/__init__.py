@@ -1,0 +1,1 @@
+"""Command-line tools besides training: `python -m pafm_jax.tools.<name>`."""
