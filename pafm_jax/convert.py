@@ -185,9 +185,10 @@ def check_sit_state_dict(state_dict: Mapping[str, Any], target: Mapping,
   ours = target['final_layer']['linear']['kernel'].shape[-1]
   final = state_dict.get('final_layer.linear.weight')
   learn_sigma = final is not None and len(final.shape) == 2 and final.shape[0] == 2 * ours
-  expected = {upstream_name(tuple(k.key for k in path)): _upstream_shape(
-      upstream_name(tuple(k.key for k in path)), tuple(leaf.shape), learn_sigma)
-              for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
+  expected = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+    name = upstream_name(tuple(k.key for k in path))
+    expected[name] = _upstream_shape(name, tuple(leaf.shape), learn_sigma)
   gh, gw = grid_size
   d = target['x_embedder']['proj']['kernel'].shape[-1]
   present = {k for k in state_dict if k != POS_EMBED and not k.startswith(PROJECTOR_PREFIX)}
@@ -312,7 +313,8 @@ def load_torch_sit(model: sit.SiT, state_dict: Mapping[str, Any], *, source: str
   """Loads an upstream state dict (name -> numpy array) into `model`, in place.
 
   After the call `model(x, t, y)` is the upstream network in pafm_jax's convention (see the
-  module docstring). Returns what was dropped or kept (ImportInfo).
+  module docstring). `model` may be abstract (`nnx.eval_shape`), which skips initialising
+  weights that are overwritten anyway. Returns what was dropped or kept (ImportInfo).
   """
   state = nnx.state(model, nnx.Param)
   target = nnx.to_pure_dict(state)

@@ -64,35 +64,71 @@ class TorchFileError(ValueError):
   """The file is not a torch checkpoint this reader understands, or it is damaged."""
 
 
-class PickledNamespace(types.SimpleNamespace):
+def _refuse_state(obj, state):
+  del state
+  raise UnsafePickleError(f'the file tries to set the state of {type(obj).__name__}; '
+                          'checkpoints written by torch.save never do.')
+
+
+class _SealedClass(type):
+  """A class whose attributes a pickle cannot change (BUILD on the class object itself);
+  its instances are not affected."""
+  __setstate__ = _refuse_state
+
+  def __setattr__(cls, name, value):
+    raise UnsafePickleError(f'the file tries to set attribute {name!r} of class '
+                            f'{cls.__name__}; checkpoints written by torch.save never do.')
+
+
+class PickledNamespace(types.SimpleNamespace, metaclass=_SealedClass):
   """What an `argparse.Namespace` (the `args` of SiT/REPA training checkpoints) loads as.
 
-  Allowing it is safe: unpickling can only create the empty bag and fill its `__dict__` with
-  values, which are themselves checked against the allow-list. No method of it runs.
+  Allowing it is safe: unpickling can only create an empty bag of this class (not argparse's)
+  and fill its `__dict__` with values, which are themselves checked against the allow-list.
+  No method of it runs, and the class itself cannot be altered.
   """
+
+
+class _Sealed:
+  """Base of the reader's own objects: pickle's BUILD opcode (set state) is refused on them,
+  so a file cannot, e.g., enlarge a tensor's shape after its bounds were checked."""
+  __slots__ = ()
+  __setstate__ = _refuse_state
+
+
+class _Callable(_Sealed):
+  """An allow-listed global as the unpickler sees it: calls `fn`, holds no mutable state."""
+  __slots__ = ('_fn',)
+
+  def __init__(self, fn: Callable):
+    self._fn = fn
+
+  def __call__(self, *args, **kwargs):
+    return self._fn(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
 # Storages and tensors
 
 
-class _StorageType:
-  """Stands in for `torch.FloatStorage` etc.: only remembers the element dtype."""
+class _StorageType(_Sealed):
+  """Stands in for `torch.FloatStorage` etc.: only names the element dtype."""
+  __slots__ = ('name', 'dtype')
 
   def __init__(self, name: str):
-    self.name = name
-    self.dtype = STORAGE_DTYPES[name]
+    self.name, self.dtype = name, STORAGE_DTYPES[name]
 
   def __call__(self, *args, **kwargs):
     raise UnsafePickleError(f'the file tries to construct torch.{self.name} directly; '
                             'checkpoints written by torch.save never do.')
 
 
-class _Storage:
-  """One flat storage of `numel` elements, read on demand by `read(key, nbytes)`."""
+class _Storage(_Sealed):
+  """One flat storage of `numel` elements from `offset`, read on demand by `read(key, span)`."""
+  __slots__ = ('dtype', 'key', 'numel', '_read', 'offset')
 
   def __init__(self, dtype: np.dtype, key: str, numel: int,
-               read: Callable[[str, int], bytes], offset: int = 0):
+               read: Callable[[str, tuple[int, int]], bytes], offset: int = 0):
     self.dtype, self.key, self.numel, self._read, self.offset = dtype, key, numel, read, offset
 
   def array(self) -> np.ndarray:
@@ -105,8 +141,9 @@ class _Storage:
     return np.frombuffer(raw, self.dtype)
 
 
-class TensorRef:
+class TensorRef(_Sealed):
   """A tensor not read yet: `shape`, `dtype`, and `np.asarray(ref)` to read it."""
+  __slots__ = ('storage', 'offset', 'shape', 'stride', 'dtype')
 
   def __init__(self, storage: _Storage, offset: int, shape: tuple[int, ...],
                stride: tuple[int, ...]):
@@ -175,13 +212,15 @@ def _rebuild_parameter(data, requires_grad=None, backward_hooks=None, state=None
   return data
 
 
-# (module, name) the file may name -> what this reader hands the unpickler instead.
+# (module, name) the file may name -> what this reader hands the unpickler instead. None of
+# these is the named object itself, and none can be modified by the file.
 _ALLOWED: dict[tuple[str, str], Any] = {
-    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
-    ('torch._utils', '_rebuild_tensor'): _rebuild_tensor,
-    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
-    ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
-    ('collections', 'OrderedDict'): collections.OrderedDict,
+    ('torch._utils', '_rebuild_tensor_v2'): _Callable(_rebuild_tensor),
+    ('torch._utils', '_rebuild_tensor'): _Callable(_rebuild_tensor),
+    ('torch._utils', '_rebuild_parameter'): _Callable(_rebuild_parameter),
+    ('torch._utils', '_rebuild_parameter_with_state'): _Callable(_rebuild_parameter),
+    ('collections', 'OrderedDict'): _Callable(collections.OrderedDict),
+    # A class, because pickle creates it with NEWOBJ (cls.__new__(cls)); sealed, see above.
     ('argparse', 'Namespace'): PickledNamespace,
     **{('torch', name): _StorageType(name) for name in STORAGE_DTYPES},
 }
@@ -246,9 +285,15 @@ def _load_zip(path: str) -> Any:
     start, nbytes = span
     # Re-opened per read so that lazy TensorRefs outlive this call; zip records of torch are
     # stored uncompressed, so the seek is cheap.
-    with zipfile.ZipFile(path) as zf, zf.open(f'{prefix}data/{key}') as f:
-      f.seek(start)
-      return f.read(nbytes)
+    with zipfile.ZipFile(path) as zf:
+      try:
+        record = zf.open(f'{prefix}data/{key}')
+      except KeyError:
+        raise TorchFileError(f'{path} has no record for storage {key!r}; the file is '
+                             'damaged.') from None
+      with record:
+        record.seek(start)
+        return record.read(nbytes)
 
   def storage_for(pid: tuple) -> _Storage:
     key, numel = _check_numel(pid)
@@ -273,10 +318,14 @@ def _load_legacy(path: str) -> Any:
     dtype = pid[1].dtype
     view = pid[5] if len(pid) > 5 else None
     if view is not None:  # (view_key, element offset, view size) of very old files
-      view_key, view_offset, view_numel = view
-      storage = _Storage(dtype, key, view_numel, read, offset=view_offset)
+      if not (isinstance(view, tuple) and len(view) == 3 and all(
+          isinstance(v, int) and v >= 0 for v in view[1:])):
+        raise TorchFileError(f'malformed storage view {view!r}.')
+      storage = _Storage(dtype, key, view[2], read, offset=view[1])
     else:
       storage = _Storage(dtype, key, numel, read)
+    if storages.get(key) and storages[key][0].dtype != dtype:
+      raise TorchFileError(f'storage {key!r} is used with two element types.')
     storages.setdefault(key, []).append(storage)
     return storage
 

@@ -209,8 +209,9 @@ def _torch_named_globals():
         sys.modules[k] = v
 
 
-def _write_tensor_file(path, numel, size, stride, offset=0):
-  """A zip torch file with one float32 tensor `t` viewing a storage of `numel` elements."""
+def _write_tensor_file(path, numel, size, stride, offset=0, state=None):
+  """A zip torch file with one float32 tensor `t` viewing a storage of `numel` elements
+  (`state`: what pickle's BUILD opcode then sets on the rebuilt tensor)."""
   with _torch_named_globals() as (rebuild, float_storage):
 
     class Storage:
@@ -219,7 +220,8 @@ def _write_tensor_file(path, numel, size, stride, offset=0):
     class Tensor:
 
       def __reduce__(self):
-        return rebuild, (Storage(), offset, size, stride, False, collections.OrderedDict())
+        args = (Storage(), offset, size, stride, False, collections.OrderedDict())
+        return (rebuild, args) if state is None else (rebuild, args, state)
 
     class Writer(pickle.Pickler):
 
@@ -240,6 +242,32 @@ def test_reader_bounds_checks_views(tmp_path):
   _write_tensor_file(bad, numel=12, size=(3, 4), stride=(4, 1), offset=1)  # reaches element 12
   with pytest.raises(torch_io.TorchFileError, match='reaches past its storage'):
     torch_io.load(bad, lazy=True)
+
+
+@pytest.mark.parametrize('state', [{'shape': (1000,)}, (None, {'stride': (1000,)})])
+def test_reader_refuses_to_alter_rebuilt_tensors(state, tmp_path):
+  """BUILD after the bounds check (dict or slot state) would make the view reach anywhere."""
+  path = tmp_path / 'grow.pt'
+  _write_tensor_file(path, numel=4, size=(2,), stride=(1,), state=state)
+  with pytest.raises(torch_io.UnsafePickleError, match='set the state of TensorRef'):
+    torch_io.load(path, lazy=True)
+
+
+@pytest.mark.parametrize('module,name', [('collections', 'OrderedDict'),
+                                         ('argparse', 'Namespace'),
+                                         ('torch._utils', '_rebuild_tensor_v2'),
+                                         ('torch', 'FloatStorage')])
+def test_reader_refuses_to_alter_allowed_globals(module, name, tmp_path):
+  """BUILD on an allowed global itself (GLOBAL, state, BUILD), with a dict state or a slot
+  state (None, {...}), is refused and changes nothing for later loads."""
+  state = b'}X\x08\x00\x00\x00__repr__K\x01s'  # {'__repr__': 1}
+  for raw_state in (state, b'N' + state + b'\x86'):
+    path = tmp_path / 'patch.pt'
+    _as_zip(path, b'\x80\x02c' + f'{module}\n{name}\n'.encode() + raw_state + b'b.')
+    with pytest.raises(torch_io.UnsafePickleError):
+      torch_io.load(path)
+  # The stand-ins still behave: the real fixtures load as before.
+  assert torch_io.load(TRAIN_CKPT)['args'].model == 'SiT-P/4'
 
 
 def test_reader_rejects_non_checkpoints(tmp_path):

@@ -130,15 +130,17 @@ def import_checkpoint(config: ml_collections.ConfigDict, src: str, workdir: str,
   net = train.build_network(config)
   patch = sit.SIT_SIZES[config.model.name]['patch_size']
   grid = (config.data.image_size // patch,) * 2
-  for sd in {id(params_sd): params_sd, id(ema_sd): ema_sd}.values():
-    sd = convert.strip_wrapper_prefix(sd)
+  same = ema_sd is params_sd
+  params_sd = convert.strip_wrapper_prefix(params_sd)
+  ema_sd = params_sd if same else convert.strip_wrapper_prefix(ema_sd)
+  for sd in [params_sd] if same else [params_sd, ema_sd]:
     convert.resolve_source(sd, net.abstract_params, source)
     convert.check_sit_state_dict(sd, net.abstract_params, grid)
 
   # --- the weights
   params, info = convert.convert_sit_state_dict(params_sd, net.abstract_params, grid_size=grid,
                                                 source=source)
-  if ema_sd is params_sd:
+  if same:
     ema_params = jax.tree.map(np.copy, params)
   else:
     ema_params, ema_info = convert.convert_sit_state_dict(
