@@ -8,6 +8,7 @@ import collections
 import contextlib
 import functools
 import io
+import json
 import os
 import pickle
 import subprocess
@@ -366,6 +367,20 @@ def test_shape_mismatch_names_the_first_problem(overrides, first):
                                    source='sit')
   assert first in str(err.value), str(err.value)
   assert 'depth 2, hidden size 8, patch 2, 4 input channels' in str(err.value)
+
+
+@pytest.mark.parametrize('upstream,source', [('sit_xl2', 'sit'), ('repa_sit_xl2', 'repa')])
+def test_released_xl2_layouts_fit_configs_sit_xl2(upstream, source):
+  """Names and shapes of the upstream SiT-XL/2 and REPA SiT-XL/2 state dicts (made by the
+  upstream code, tests/fixtures/README.md) fit configs/sit_xl2.py as they are."""
+  from configs import sit_xl2
+  with open(os.path.join(FIXTURES, 'upstream_xl2_shapes.json')) as f:
+    shapes = json.load(f)[upstream]
+  sd = {k: types.SimpleNamespace(shape=tuple(v)) for k, v in shapes.items()}
+  target = train.build_network(sit_xl2.get_config()).abstract_params
+  assert convert.resolve_source(sd, target, 'auto') == source
+  learn_sigma = convert.check_sit_state_dict(sd, target, (16, 16))
+  assert learn_sigma == (source == 'sit')
 
 
 def test_unexpected_tensor_and_foreign_pos_embed_are_refused():
