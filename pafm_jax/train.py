@@ -151,10 +151,20 @@ def ema_decay(step: jax.Array, decay: float) -> jax.Array:
 def init_state(rng: jax.Array, make_model, tx: optax.GradientTransformation,
                memory: objectives.MemoryBank | None = None) -> dict:
   params = nnx.to_pure_dict(nnx.state(make_model(rng), nnx.Param))
+  return state_from_params(params, jax.tree.map(jnp.copy, params), tx, memory=memory)
+
+
+def state_from_params(params: Any, ema_params: Any, tx: optax.GradientTransformation, *,
+                      step: int = 0, memory: objectives.MemoryBank | None = None) -> dict:
+  """The train state around given weights, with a fresh optimizer state (and bank).
+
+  New runs (init_state) and imported checkpoints (tools/import_torch) both build their state
+  here, so both have the layout the loop restores.
+  """
   state = {
-      'step': jnp.zeros((), jnp.int32),
+      'step': jnp.asarray(step, jnp.int32),
       'params': params,
-      'ema_params': jax.tree.map(jnp.copy, params),
+      'ema_params': ema_params,
       'opt_state': tx.init(params),
   }
   if memory is not None:  # StableVM's bank lives (and is checkpointed) with the weights

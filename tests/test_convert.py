@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from pafm_jax import convert, sampling, torch_io, train
+from pafm_jax import checkpointing, convert, sampling, torch_io, train
 from pafm_jax.models.sit import SiT
 from pafm_jax.tools import import_torch
 from tests.test_train import tiny_config
@@ -398,10 +398,10 @@ def test_unexpected_tensor_and_foreign_pos_embed_are_refused():
 
 
 def p4_config(tfds_dir, **overrides):
-  # Switch to 'pafm' once objective.name='pafm' lands on main (one line).
-  objective = 'fm'
-  return tiny_config(tfds_dir, **{'model.name': 'SiT-P/4', 'objective.name': objective,
+  """The tiny Fashion-MNIST job with the fixtures' model, fine-tuning with PAFM."""
+  return tiny_config(tfds_dir, **{'model.name': 'SiT-P/4', 'objective.name': 'pafm',
                                   'total_steps': 5, 'checkpoint_every_steps': 100,
+                                  'sample.method': 'euler', 'sample.cfg_scale': 1.0,
                                   **overrides})
 
 
@@ -480,6 +480,20 @@ def test_import_checks_everything_before_writing(tmp_path):
     import_torch.import_checkpoint(config, TRAIN_CKPT, str(workdir))
   import_torch.import_checkpoint(config, TRAIN_CKPT, str(workdir), force=True)
   assert os.listdir(workdir / 'checkpoints') == ['0']
+
+
+def test_import_carries_the_objectives_state(tmp_path):
+  """With StableVM the train state holds a memory bank: the import writes an empty one, and
+  the checkpoint restores onto the trainer's own abstract state."""
+  config = p4_config('/nonexistent', **{'objective.name': 'stablevm',
+                                        'objective.stablevm.bank_capacity': 4})
+  import_torch.import_checkpoint(config, TRAIN_CKPT, str(tmp_path))
+  setup = train.TrainSetup.create(config, train.validated_mesh(config))
+  manager = checkpointing.create_manager(str(tmp_path), save_every=1, max_to_keep=1)
+  state = checkpointing.restore(manager, 0, setup.sharded_abstract_state(), data_iterator=None)
+  manager.close()
+  assert jax.tree.structure(state) == jax.tree.structure(setup.abstract_state)
+  assert not any(np.any(np.asarray(x)) for x in jax.tree.leaves(state['memory']))
 
 
 def test_import_cli(tmp_path):

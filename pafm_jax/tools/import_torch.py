@@ -4,7 +4,7 @@
       --config=configs/sit_xl2.py --workdir=runs/sit_xl2_pafm
 
 writes WORKDIR/checkpoints/<step>/state (params, ema_params, a freshly initialised optimizer
-state, step) and WORKDIR/config.json. `python -m pafm_jax.main` with the same config and
+state, step, and for StableVM an empty memory bank) and WORKDIR/config.json. `python -m pafm_jax.main` with the same config and
 workdir then fine-tunes from it; any code that restores the train state reads it.
 
 Which weights go where:
@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
-from pafm_jax import checkpointing, convert, torch_io, train
+from pafm_jax import checkpointing, convert, objectives, torch_io, train
 from pafm_jax.models import sit
 
 PARAMS_FROM = ('model', 'ema')
@@ -149,12 +149,17 @@ def import_checkpoint(config: ml_collections.ConfigDict, src: str, workdir: str,
       raise ValueError(f'"model" looks like a {info.source} and "ema" like a '
                        f'{ema_info.source} checkpoint; pass --source explicitly.')
   tx = train.make_optimizer(config.optimizer)
+  # The state's layout depends on the objective (StableVM keeps its memory bank in it); class
+  # sizes only enter the stratified PAFM target, never the state, so stand-ins do here.
+  memory = objectives.make_objective(config, np.ones(config.data.num_classes)).memory
+  build = functools.partial(train.state_from_params, tx=tx, step=step, memory=memory)
   with jax.default_device(jax.local_devices(backend='cpu')[0]):
-    state = {'step': jnp.asarray(step, jnp.int32), 'params': params,
-             'ema_params': ema_params, 'opt_state': jax.jit(tx.init)(params)}
-  # The loop restores onto this exact structure; a mismatch is a bug here, caught before saving.
+    state = jax.jit(build)(params, ema_params)
+  # The loop restores onto init_state's structure; a mismatch is a bug here, caught before
+  # anything is written.
   expected = jax.eval_shape(functools.partial(
-      train.init_state, make_model=train.model_factory(config), tx=tx), jax.random.key(0))
+      train.init_state, make_model=train.model_factory(config), tx=tx, memory=memory),
+                            jax.random.key(0))
   got = jax.eval_shape(lambda s: s, state)
   if jax.tree.structure(got) != jax.tree.structure(expected) or any(
       (a.shape, a.dtype) != (b.shape, b.dtype)
