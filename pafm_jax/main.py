@@ -1,13 +1,10 @@
 """Entry point: python -m pafm_jax.main --config=configs/fmnist_sit.py --workdir=DIR."""
 
-import logging
-
 from absl import app, flags
-from absl import logging as absl_logging
 import jax
 from ml_collections import config_flags
 
-from pafm_jax import train
+from pafm_jax import logs, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file in configs/.',
@@ -18,18 +15,10 @@ flags.DEFINE_bool('distributed', False,
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-class _LibraryInfoFilter(logging.Filter):
-  """Drops the per-file INFO chatter of Orbax and Grain; their warnings still show."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    noisy = ('/orbax/' in record.pathname or '/grain/' in record.pathname)
-    return record.levelno >= logging.WARNING or not noisy
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  absl_logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+  logs.quiet_library_info()
   if FLAGS.distributed:
     jax.distributed.initialize()
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -26,7 +26,6 @@ read; the checkpoint is written atomically by Orbax, so a failed import leaves n
 from __future__ import annotations
 
 import functools
-import logging as logging_lib
 from typing import Any, Mapping
 
 from absl import app, flags, logging
@@ -35,7 +34,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
-from pafm_jax import checkpointing, convert, objectives, torch_io, train
+from pafm_jax import checkpointing, convert, logs, objectives, torch_io, train
 from pafm_jax.models import sit
 
 PARAMS_FROM = ('model', 'ema')
@@ -187,17 +186,10 @@ def _define_flags() -> None:
   flags.mark_flags_as_required(['src', 'config', 'workdir'])
 
 
-class _LibraryInfoFilter(logging_lib.Filter):
-  """Drops Orbax's per-file INFO chatter (as pafm_jax.main does); warnings still show."""
-
-  def filter(self, record: logging_lib.LogRecord) -> bool:
-    return record.levelno >= logging_lib.WARNING or '/orbax/' not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+  logs.quiet_library_info()
   import_checkpoint(FLAGS.config, FLAGS.src, FLAGS.workdir, step=FLAGS.step,
                     params_from=FLAGS.params_from, source=FLAGS.source, force=FLAGS.force)
 
