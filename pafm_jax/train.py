@@ -13,7 +13,6 @@ import time
 from typing import Any, Callable
 
 from absl import logging
-from clu import metric_writers, periodic_actions
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -449,6 +448,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = setup.init()
   start_step = int(jax.device_get(state['step']))
 
+  # clu's writers import TensorFlow (seconds of start-up, and a package the compiled step never
+  # needs): only the loop imports them, so benchmarks and tools run where TF is absent.
+  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   last = {}
   try:

@@ -55,7 +55,6 @@ from typing import Any
 import grain
 import numpy as np
 
-from pafm_jax.data import fashion_mnist
 
 DEFAULT_TFDS_DIR = "~/.cache/pafm_jax/tfds"
 TFDS_DIR_ENV = "PAFM_TFDS_DIR"
@@ -180,6 +179,8 @@ def load_source(data_config: Any, split: str | None = None) -> Sequence[dict[str
   split = split or _get(data_config, "split", "train")
   tfds_dir = resolve_tfds_dir(data_config)
   if name == FASHION_MNIST:
+    from pafm_jax.data import fashion_mnist  # pylint: disable=g-import-not-at-top
+
     idx_dir = _get(data_config, "idx_dir") or fashion_mnist.DEFAULT_IDX_DIR
     return fashion_mnist.load_source(tfds_dir, idx_dir, split)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -221,6 +222,8 @@ def class_sizes(data_config: Any, split: str | None = None) -> np.ndarray:
   split = split or _get(data_config, "split", "train")
   tfds_dir = resolve_tfds_dir(data_config)
   if name == FASHION_MNIST:
+    from pafm_jax.data import fashion_mnist  # pylint: disable=g-import-not-at-top
+
     idx_dir = _get(data_config, "idx_dir") or fashion_mnist.DEFAULT_IDX_DIR
     return fashion_mnist.class_sizes(split, builder=fashion_mnist.prepare(tfds_dir, idx_dir))
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
