@@ -80,10 +80,41 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.worker_count = 0        # Grain worker processes (0 = in the main process)
   c.data.prefetch_buffer_size = 2
 
+  # Sampling (pafm_jax/sampling; README "Sampling"): sample grids during training, --mode=sample
+  # and the samples of --mode=eval.
   c.sample = ml_collections.ConfigDict()
-  c.sample.method = 'heun'
-  c.sample.num_steps = 32
+  c.sample.method = 'heun'       # euler | heun | sde | dopri5 | stablevs
+  c.sample.num_steps = 32        # base grid steps (dopri5 is adaptive and ignores it)
+  c.sample.shift = 1.0           # SD3 time shift of the grid, t' = s·t/(1 + (s − 1)·t)
   c.sample.cfg_scale = 1.0
-  c.sample.per_class = 8
+  c.sample.guidance_interval = (0.0, 0.7)  # CFG only for t in [low, high] (t = 1 is noise)
+  c.sample.diffusion = 'sigma'   # sde: w(t) = σ_t ('sigma', SiT's default) or 'sbdm'
+  c.sample.diffusion_norm = 1.0
+  c.sample.rtol = 1e-3           # dopri5 tolerances (SiT's defaults)
+  c.sample.atol = 1e-6
+  c.sample.max_steps = 1000
+  c.sample.stablevs_split = 0.85     # StableVS (METHOD.md §4)
+  c.sample.stablevs_low_steps = 9
+  c.sample.stablevs_eta = 0.0
+  c.sample.per_class = 8         # grid columns (one row per class, at most 10 rows)
+  c.sample.num_samples = 0       # --mode=sample: samples in the .npz (0: just the grid's)
+  c.sample.batch_size = 500      # --mode=sample/eval: samples per jitted call
   c.sample.use_ema = True
+
+  # Evaluation (pafm_jax/evaluation; README "Evaluation"): --mode=eval, and every
+  # eval.every_steps during training (0: never).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 0
+  c.eval.num_samples = 10_000
+  c.eval.features = 'classifier'   # 'classifier' (domain CNN) or 'inception' (FID)
+  c.eval.classifier_dir = ''       # '' = $PAFM_CLASSIFIER_DIR or ~/.cache/pafm_jax/classifier
+  c.eval.classifier_epochs = 3
+  c.eval.reference_split = 'test'  # real images of the reference statistics
+  c.eval.inception_weights = ''    # pt_inception-2015-12-05-6726825d.pth or a .npz
+  c.eval.reference_stats = ''      # ADM-style .npz (mu, sigma or arr_0) for 'inception'
+  c.eval.decoder = ''              # 'module:function' mapping latents to images in [-1, 1]
+  c.eval.pr_neighbours = 3         # k of the k-NN manifolds (Kynkäänniemi et al. 2019)
+  c.eval.memorization = True       # nearest / second-nearest training image distance ratio
+  c.eval.memorization_threshold = 1 / 3
+  c.eval.memorization_max_train = 0  # 0: the whole train split
   return c

@@ -68,3 +68,16 @@ def interpolate(path, x0, eps, t):
 def conditional_velocity(path, x0, eps, t):
   """v(x_t | x0) = α̇_t·x0 + σ̇_t·ε, the FM regression target.  [B, *S]."""
   return _bcast(path.d_alpha(t), x0) * x0 + _bcast(path.d_sigma(t), x0) * eps
+
+
+def predict_endpoints(path, x, v, t):
+  """(x̂0, ε̂) from a state x_t and its velocity v: the unique pair with x = α·x̂0 + σ·ε̂ and
+  v = α̇·x̂0 + σ̇·ε̂ (Cramer's rule; the determinant α·σ̇ − α̇·σ is 1 on the linear path and
+  π/2 on the cosine path, never 0).  x, v: [B, *S]; t: [B].
+
+  Linear path: x̂0 = x − t·v, ε̂ = x + (1 − t)·v (METHOD.md §4). The score is −ε̂/σ.
+  """
+  a, s = _bcast(path.alpha(t), x), _bcast(path.sigma(t), x)
+  da, ds = _bcast(path.d_alpha(t), x), _bcast(path.d_sigma(t), x)
+  det = a * ds - da * s
+  return (ds * x - s * v) / det, (a * v - da * x) / det

@@ -50,9 +50,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   if config.objective.t_sampling not in objectives.T_SAMPLINGS:
     raise ValueError(f'unknown t sampling {config.objective.t_sampling!r}; '
                      f'config.objective.t_sampling must be one of {objectives.T_SAMPLINGS}.')
-  if config.sample.method not in sampling.SAMPLERS:
-    raise ValueError(f'unknown sampler {config.sample.method!r}; config.sample.method must be '
-                     f'one of {sorted(sampling.SAMPLERS)}.')
+  sampling.SamplerOptions.from_config(config.sample)  # raises on an unknown sampler
   if config.model.get('projector', False):
     raise ValueError('config.model.projector=True asks for a VA-REPA projector head, which '
                      'pafm_jax does not implement yet; set it to False.')
@@ -311,11 +309,12 @@ def make_sampler(config: ml_collections.ConfigDict, net: Network, mesh) -> Calla
   labels = jnp.repeat(jnp.arange(rows), config.sample.per_class)
   shape = (config.data.image_size, config.data.image_size, config.data.channels)
 
+  options = sampling.SamplerOptions.from_config(config.sample)
+  path = paths.get_path(config.objective.path)
+
   def draw(params, rng):
-    return sampling.sample(
-        functools.partial(net.apply, params), rng, labels, shape,
-        method=config.sample.method, num_steps=config.sample.num_steps,
-        cfg_scale=config.sample.cfg_scale, null_label=net.null_label)
+    return sampling.sample(functools.partial(net.apply, params), rng, labels, shape,
+                           options=options, null_label=net.null_label, path=path)
 
   return jax.jit(draw, out_shardings=NamedSharding(mesh, P()))
 

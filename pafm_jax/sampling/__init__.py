@@ -1,5 +1,10 @@
-"""Samplers of the probability-flow ODE (and, later, SDE and few-step samplers)."""
+"""Samplers: Euler, Heun and dopri5 on the probability-flow ODE, Euler–Maruyama on the SDE,
+StableVS; classifier-free guidance with a guidance interval; time grids."""
 
-from pafm_jax.sampling.ode import SAMPLERS, cfg_velocity, sample, time_grid
+from pafm_jax.sampling.guidance import cfg_velocity
+from pafm_jax.sampling.sampler import (SAMPLERS, SamplerOptions, make_batch_sampler, sample,
+                                       sample_with_nfe)
+from pafm_jax.sampling.schedules import shift_time, stablevs_grid, time_grid
 
-__all__ = ['SAMPLERS', 'cfg_velocity', 'sample', 'time_grid']
+__all__ = ['SAMPLERS', 'SamplerOptions', 'cfg_velocity', 'make_batch_sampler', 'sample',
+           'sample_with_nfe', 'shift_time', 'stablevs_grid', 'time_grid']

@@ -1,77 +1,83 @@
-"""Fixed-step ODE samplers (Euler, Heun) with classifier-free guidance, in `lax.scan`.
+"""Probability-flow ODE samplers: fixed-step Euler and Heun in `lax.scan`, adaptive dopri5.
 
 Time runs from t = 1 (noise) to t = 0 (data), the reverse of the training path, integrating
-dx/dt = v(x, t).
+dx/dt = v(x, t). Each sampler returns (x0, nfe): nfe counts calls of `velocity_fn` (one call
+of a guided velocity is one batched network pass over the doubled batch).
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import diffrax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 VelocityFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def time_grid(num_steps: int) -> jax.Array:
-  """Uniform grid from 1 to 0: [num_steps + 1]."""
-  return jnp.linspace(1.0, 0.0, num_steps + 1)
+def _at(t: jax.Array, x: jax.Array) -> jax.Array:
+  """A scalar time broadcast to the batch: [B]."""
+  return jnp.full((x.shape[0],), t, x.dtype)
 
 
-def cfg_velocity(velocity_fn: VelocityFn, cfg_scale: float, null_label: int) -> VelocityFn:
-  """v = v(x | ∅) + s·(v(x | y) − v(x | ∅)); scale 1 is the conditional model itself.
-
-  Both branches go through one call on the doubled batch, as the network is batch-parallel.
-  """
-  if cfg_scale == 1.0:
-    return velocity_fn
-
-  def guided(x, t, y):
-    both = velocity_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                       jnp.concatenate([y, jnp.full_like(y, null_label)]))
-    v_cond, v_uncond = jnp.split(both, 2)
-    return v_uncond + cfg_scale * (v_cond - v_uncond)
-
-  return guided
-
-
-def euler(velocity_fn: VelocityFn, x1: jax.Array, y: jax.Array, ts: jax.Array) -> jax.Array:
-  """Explicit Euler along `ts` (decreasing).  x1: [B, *S] noise; y: [B]; returns x at ts[-1]."""
+def euler(velocity_fn: VelocityFn, x1: jax.Array, y: jax.Array,
+          ts: np.ndarray) -> tuple[jax.Array, int]:
+  """Explicit Euler along the decreasing grid `ts` [N + 1].  x1: [B, *S] noise; y: [B]."""
   def step(x, t_pair):
     t, t_next = t_pair
-    v = velocity_fn(x, jnp.full((x.shape[0],), t, x.dtype), y)
-    return x + (t_next - t) * v, None
+    return x + (t_next - t) * velocity_fn(x, _at(t, x), y), None
 
+  ts = jnp.asarray(ts, jnp.float32)
   x, _ = jax.lax.scan(step, x1, (ts[:-1], ts[1:]))
-  return x
+  return x, len(ts) - 1
 
 
-def heun(velocity_fn: VelocityFn, x1: jax.Array, y: jax.Array, ts: jax.Array) -> jax.Array:
-  """Heun's second-order method (trapezoidal predictor-corrector), 2 evaluations per step."""
+def heun(velocity_fn: VelocityFn, x1: jax.Array, y: jax.Array,
+         ts: np.ndarray) -> tuple[jax.Array, int]:
+  """Heun's second-order method (explicit trapezoid), 2 evaluations per step.
+
+  Every step, the last one to t = 0 included, is a full Heun step: the velocity model is
+  defined at t = 0 (unlike a denoiser at σ = 0 in EDM), so no Euler fallback is needed.
+  """
   def step(x, t_pair):
     t, t_next = t_pair
-    b = x.shape[0]
-    v = velocity_fn(x, jnp.full((b,), t, x.dtype), y)
+    v = velocity_fn(x, _at(t, x), y)
     x_pred = x + (t_next - t) * v
-    v_next = velocity_fn(x_pred, jnp.full((b,), t_next, x.dtype), y)
+    v_next = velocity_fn(x_pred, _at(t_next, x), y)
     return x + (t_next - t) * 0.5 * (v + v_next), None
 
+  ts = jnp.asarray(ts, jnp.float32)
   x, _ = jax.lax.scan(step, x1, (ts[:-1], ts[1:]))
-  return x
+  return x, 2 * (len(ts) - 1)
 
 
-SAMPLERS = {'euler': euler, 'heun': heun}
+def dopri5_nfe(num_steps: jax.Array) -> jax.Array:
+  """Velocity evaluations of a diffrax Dopri5 + PIDController solve from its step count.
+
+  Six new stages per attempted step, accepted or rejected (the seventh stage of an accepted
+  step is the first of the next, FSAL; a rejected step restarts from a point whose first
+  stage is known), plus one evaluation before the first step. Measured for diffrax 0.7.2 with
+  a host-side call counter, with and without rejected steps (tests/test_sampling.py).
+  """
+  return 6 * num_steps + 1
 
 
-def sample(velocity_fn: VelocityFn, rng: jax.Array, labels: jax.Array, shape: tuple[int, ...],
-           *, method: str = 'heun', num_steps: int = 32, cfg_scale: float = 1.0,
-           null_label: int | None = None) -> jax.Array:
-  """Draws samples x0 for `labels` [B] from noise of `shape` (without the batch dim)."""
-  if method not in SAMPLERS:
-    raise ValueError(f'unknown sampler {method!r}; choose one of {sorted(SAMPLERS)}.')
-  if cfg_scale != 1.0 and null_label is None:
-    raise ValueError('classifier-free guidance needs the null label.')
-  x1 = jax.random.normal(rng, (labels.shape[0], *shape), jnp.float32)
-  fn = cfg_velocity(velocity_fn, cfg_scale, null_label)
-  return SAMPLERS[method](fn, x1, labels, time_grid(num_steps))
+def dopri5(velocity_fn: VelocityFn, x1: jax.Array, y: jax.Array, *, rtol: float = 1e-3,
+           atol: float = 1e-6, max_steps: int = 1000) -> tuple[jax.Array, jax.Array]:
+  """Adaptive Dormand–Prince 5(4) from t = 1 to 0 (diffrax), SiT's default ODE solver.
+
+  SiT's defaults rtol = 1e-3, atol = 1e-6. The whole batch is one ODE state, so the step size
+  is shared by the batch and set by the RMS error over all its elements (as with torchdiffeq
+  on a batch in SiT). Returns (x0, nfe) with nfe a traced int32 scalar.
+  """
+  term = diffrax.ODETerm(lambda t, x, _: velocity_fn(x, _at(t, x), y))
+  solution = diffrax.diffeqsolve(
+      term, diffrax.Dopri5(), t0=1.0, t1=0.0, dt0=None, y0=x1,
+      stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+      saveat=diffrax.SaveAt(t1=True), max_steps=max_steps,
+      # Reverse-mode gradients through the sampler are never needed: a direct adjoint avoids
+      # the checkpointed while-loop and its memory.
+      adjoint=diffrax.DirectAdjoint())
+  return solution.ys[-1], dopri5_nfe(solution.stats['num_steps'])
