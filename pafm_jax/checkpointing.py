@@ -142,3 +142,25 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     tmp = path.parent / 'config.json.tmp'
     tmp.write_text(config.to_json_best_effort(indent=2))
     tmp.replace(path)
+
+
+def restore_params(workdir: str, abstract_params: Any, *, use_ema: bool = True,
+                   step: int | None = None) -> tuple[Any, int]:
+  """Only the (EMA) parameters of a saved train state, onto `abstract_params`' shardings.
+
+  Sampling and evaluation need neither the optimizer state (2× the parameters) nor the data
+  iterator, so they are left on disk (Orbax partial restore). Returns (params, step).
+  """
+  root = workdir_path(workdir) / 'checkpoints'
+  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint under {root}; train first (--mode=train).')
+  step = steps[-1] if step is None else step
+  key = 'ema_params' if use_ema else 'params'
+  item = {key: abstract_params}
+  restored = ocp.PyTreeCheckpointer().restore(
+      root / str(step) / 'state',
+      args=ocp.args.PyTreeRestore(item=item,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=True))
+  return restored[key], step

@@ -1,4 +1,9 @@
-"""Entry point: python -m pafm_jax.main --config=configs/fmnist_sit.py --workdir=DIR."""
+"""Entry point: python -m pafm_jax.main --config=configs/fmnist_sit.py --workdir=DIR [--mode=M].
+
+Modes: train (default; resumes by itself), sample (grid PNG + .npz from the latest
+checkpoint), eval (metrics of config.eval.num_samples samples → eval.json), train_classifier
+(the domain classifier whose features the Fréchet distance uses).
+"""
 
 from absl import app, flags
 import jax
@@ -10,6 +15,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file in configs/.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'train_classifier'],
+                  'What to do with the config and workdir.')
 flags.DEFINE_bool('distributed', False,
                   'Call jax.distributed.initialize() first (multi-host TPU pods and GPU clusters).')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -21,7 +28,12 @@ def main(argv):
   logs.quiet_library_info()
   if FLAGS.distributed:
     jax.distributed.initialize()
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if FLAGS.mode == 'train':
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    return
+  from pafm_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
+  {'sample': runner.run_sample, 'eval': runner.run_eval,
+   'train_classifier': runner.run_train_classifier}[FLAGS.mode](FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':

@@ -69,6 +69,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
                 'sample_every_steps'):
     if config[field] < 1:
       raise ValueError(f'config.{field} must be ≥ 1, got {config[field]}.')
+  if config.eval.every_steps < 0:
+    raise ValueError(f'config.eval.every_steps must be ≥ 0 (0: no periodic evaluation), got '
+                     f'{config.eval.every_steps}.')
   return shape
 
 
@@ -333,15 +336,21 @@ def image_grid(images: np.ndarray, cols: int) -> np.ndarray:
   return grid
 
 
+def save_grid_png(grid: np.ndarray, path) -> None:
+  """Writes a uint8 grid from `image_grid` as a PNG (an epath or str path)."""
+  path = checkpointing.workdir_path(str(path))
+  path.parent.mkdir(parents=True, exist_ok=True)
+  scale = max(1, 256 // grid.shape[1] + 1)  # upscale tiny images so the grid is viewable
+  img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+  with path.open('wb') as f:
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(f, format='PNG')
+
+
 def write_sample_grid(images, cols: int, workdir: str, step: int, writer) -> str:
   grid = image_grid(images, cols)
   path = checkpointing.workdir_path(workdir) / 'samples' / f'samples_{step:08d}.png'
   if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scale = max(1, 256 // grid.shape[1] + 1)  # upscale tiny images so the grid is viewable
-    img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    with path.open('wb') as f:
-      img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(f, format='PNG')
+    save_grid_png(grid, path)
   writer.write_images(step, {'samples': grid[None]})
   return str(path)
 
@@ -456,6 +465,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if start_step >= config.total_steps:
       logging.info('step %d ≥ total_steps %d: nothing to do.', start_step, config.total_steps)
       return {'state': state, 'metrics': last}
+    evaluator = None
+    if config.eval.every_steps > 0:  # before compiling: a missing classifier fails fast
+      from pafm_jax.evaluation import runner  # imports this module: not at the top
+      evaluator = runner.Evaluator(config, setup.net, mesh)
+      eval_rng = jax.random.fold_in(jax.random.key(config.seed), 0xE7A1)
     t0 = time.time()
     compiled = setup.compile_step()
     logging.info('compiled the train step in %.1f s', time.time() - t0)
@@ -486,6 +500,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         path = write_sample_grid(jax.device_get(images), config.sample.per_class, workdir, step,
                                  writer)
         logging.info('step %d: sample grid %s', step, path)
+      if evaluator is not None and (step % config.eval.every_steps == 0 or is_last):
+        params = state['ema_params'] if config.sample.use_ema else state['params']
+        scores = evaluator.evaluate(params, jax.random.fold_in(eval_rng, step))['metrics']
+        writer.write_scalars(step, {f'eval/{k}': v for k, v in scores.items()})
       # Orbax also saves off-interval when the host received a preemption notice.
       checkpointing.save(manager, step, state, data_iter, force=is_last)
       if manager.reached_preemption(step):

@@ -1,0 +1,338 @@
+"""The sampling and evaluation workflows behind `--mode=sample`, `--mode=eval`,
+`--mode=train_classifier`, and the periodic evaluation of the train loop.
+
+An `Evaluator` holds what every evaluation reuses (feature extractor, reference statistics,
+training images for the memorisation check, the compiled sampler); `evaluate(params, rng)`
+draws config.eval.num_samples class-balanced samples and returns the metrics:
+
+  fd                 Fréchet distance in the extractor's features (domain classifier or
+                     Inception-v3 pool features, i.e. FID) against the reference split
+  accuracy           the domain classifier's accuracy on the samples' own labels
+  precision, recall  k-NN manifolds in the same features (Kynkäänniemi et al. 2019)
+  memorized_fraction share of samples whose nearest/second-nearest training-image distance
+                     ratio is below config.eval.memorization_threshold (1/3)
+  nn_ratio_median    median of that ratio
+  nfe                velocity evaluations per sample
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import time
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from pafm_jax import checkpointing, paths, sampling, sharding, train
+from pafm_jax.evaluation import classifier as classifier_lib
+from pafm_jax.evaluation import frechet, manifold, memorization
+
+# Precision/recall cost grows with the product of the set sizes: both sets are capped.
+PR_MAX_POINTS = 10_000
+
+
+# --------------------------------------------------------------------- feature extractors
+
+
+@dataclasses.dataclass
+class FeatureExtractor:
+  """images [N, H, W, C] in [−1, 1] → (features [N, D], logits [N, K] or None)."""
+  kind: str                       # 'classifier' or 'inception'
+  fingerprint: str
+  batch_size: int
+  apply: Callable[[jax.Array], tuple[jax.Array, jax.Array | None]]
+  info: dict[str, Any]
+
+  def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    feats, logits = [], []
+    for i in range(0, len(images), self.batch_size):
+      chunk = images[i:i + self.batch_size]
+      n = len(chunk)
+      if n < self.batch_size:  # one compiled shape for every batch
+        chunk = np.concatenate([chunk, np.zeros((self.batch_size - n,) + chunk.shape[1:],
+                                                chunk.dtype)])
+      f, l = self.apply(jnp.asarray(chunk))
+      feats.append(np.asarray(f, np.float64)[:n])
+      if l is not None:
+        logits.append(np.asarray(l)[:n])
+    return np.concatenate(feats), (np.concatenate(logits) if logits else None)
+
+
+def load_decoder(spec: str) -> Callable[[jax.Array], jax.Array] | None:
+  """'package.module:function' → the function (latents → images in [−1, 1]); '' → None."""
+  if not spec:
+    return None
+  module, _, name = spec.partition(':')
+  if not name:
+    raise ValueError(f"config.eval.decoder must look like 'package.module:function', got "
+                     f'{spec!r}.')
+  return getattr(importlib.import_module(module), name)
+
+
+def create_feature_extractor(config: ml_collections.ConfigDict) -> FeatureExtractor:
+  kind = config.eval.features
+  if kind == 'classifier':
+    directory = classifier_lib.default_directory(config)
+    clf = classifier_lib.load(directory)
+    if clf.info['architecture'] != classifier_lib.architecture(config.data):
+      raise ValueError(f'the classifier at {directory} was built for other data '
+                       f'({clf.info["architecture"]}); retrain it with --mode=train_classifier.')
+    info = {'directory': directory, 'test_accuracy': clf.info['test_accuracy']}
+    return FeatureExtractor('classifier', clf.fingerprint, 500, clf.apply, info)
+  if kind == 'inception':
+    from pafm_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
+    return inception.create_feature_extractor(config, load_decoder(config.eval.decoder),
+                                              FeatureExtractor)
+  raise ValueError(f"unknown features {kind!r}; config.eval.features must be 'classifier' or "
+                   "'inception'.")
+
+
+# ------------------------------------------------------------------ reference statistics
+
+
+@dataclasses.dataclass
+class Reference:
+  mu: np.ndarray
+  sigma: np.ndarray
+  features: np.ndarray | None     # for precision/recall; None when only statistics exist
+  source: str
+
+
+def reference_statistics(config: ml_collections.ConfigDict,
+                         extractor: FeatureExtractor) -> Reference:
+  """The real images' statistics in the extractor's features.
+
+  Classifier: computed once on config.eval.reference_split and cached beside the classifier
+  as reference_<split>_<fingerprint>.npz. Inception: read from config.eval.reference_stats.
+  """
+  if extractor.kind == 'inception':
+    from pafm_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
+    mu, sigma, feats, source = inception.load_reference(config.eval.reference_stats, extractor)
+    return Reference(mu, sigma, feats, source)
+  split = config.eval.reference_split
+  directory = extractor.info['directory']
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  cache = epath.Path(directory) / f'reference_{split}_{extractor.fingerprint}.npz'
+  if cache.exists():
+    with cache.open('rb') as f:
+      data = np.load(f)
+      return Reference(data['mu'], data['sigma'], data['features'], str(cache))
+  logging.info('computing reference statistics of the %s split (cached at %s)', split, cache)
+  images, labels = classifier_lib.load_split(config.data, split)
+  clf_info = classifier_lib.load(directory).info
+  recorded = clf_info.get(f'{split}_digest')
+  if recorded is not None and recorded != classifier_lib.digest(images, labels):
+    raise ValueError(f'the {split} split differs from the one the classifier at {directory} '
+                     'was trained and tested on; retrain it with --mode=train_classifier.')
+  feats, _ = extractor(images)
+  mu, sigma = frechet.gaussian_statistics(feats)
+  if jax.process_index() == 0:
+    tmp = cache.parent / (cache.name + '.tmp')
+    with tmp.open('wb') as f:
+      np.savez(f, mu=mu, sigma=sigma, features=feats.astype(np.float32))
+    tmp.replace(cache)
+  return Reference(mu, sigma, feats, str(cache))
+
+
+# ------------------------------------------------------------------------ generation
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+  """A batch-sharded array as one host array (on every process)."""
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def sample_batch_size(config: ml_collections.ConfigDict, mesh) -> int:
+  """config.sample.batch_size rounded up to a multiple of the mesh's batch shards."""
+  shards = sharding.num_batch_shards(mesh)
+  return -(-config.sample.batch_size // shards) * shards
+
+
+def make_generator(config: ml_collections.ConfigDict, net: train.Network, mesh,
+                   options: sampling.SamplerOptions | None = None) -> Callable:
+  """(params, rng, num) → (images [num, H, W, C], labels [num], nfe per sample).
+
+  Labels cycle through the classes (class-balanced); batches of `sample_batch_size` run
+  through one compiled, batch-sharded sampler, with progress in the log.
+  """
+  options = options or sampling.SamplerOptions.from_config(config.sample)
+  shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  draw = sampling.make_batch_sampler(net.apply, mesh, shape, options, null_label=net.null_label,
+                                     path=paths.get_path(config.objective.path))
+  shards = sharding.num_batch_shards(mesh)
+
+  def generate(params, rng, num: int):
+    labels = (np.arange(num) % config.data.num_classes).astype(np.int32)
+    batch = min(sample_batch_size(config, mesh), -(-num // shards) * shards)
+    images, nfes = [], []
+    t0 = time.time()
+    for start in range(0, num, batch):
+      chunk = labels[start:start + batch]
+      padded = np.resize(chunk, batch)   # repeats labels to fill the last batch
+      x, nfe = draw(params, jax.random.fold_in(rng, start), jnp.asarray(padded))
+      images.append(_gather(x)[:len(chunk)])
+      nfes.append(float(nfe))
+      done = start + len(chunk)
+      rate = done / max(time.time() - t0, 1e-9)
+      logging.info('sampled %d/%d (%.1f samples/s, ETA %.0f s, %.1f NFE)', done, num, rate,
+                   (num - done) / rate, nfes[-1])
+    return np.concatenate(images), labels, float(np.mean(nfes))
+
+  return generate
+
+
+# ------------------------------------------------------------------------- evaluation
+
+
+def compute_metrics(config: ml_collections.ConfigDict, images: np.ndarray, labels: np.ndarray,
+                    extractor: FeatureExtractor, reference: Reference,
+                    train_images: np.ndarray | None) -> dict[str, float]:
+  feats, logits = extractor(images)
+  mu, sigma = frechet.gaussian_statistics(feats)
+  metrics = {'fd': frechet.frechet_distance(mu, sigma, reference.mu, reference.sigma)}
+  if logits is not None:
+    metrics['accuracy'] = float(np.mean(np.argmax(logits, -1) == labels))
+  if reference.features is not None:
+    metrics.update(manifold.precision_recall(reference.features[:PR_MAX_POINTS],
+                                             feats[:PR_MAX_POINTS], config.eval.pr_neighbours))
+  if train_images is not None:
+    metrics.update(memorization.memorization_metrics(
+        images, train_images, config.eval.memorization_threshold))
+  return metrics
+
+
+class Evaluator:
+  """Everything one evaluation needs, built once; `evaluate` may run many times."""
+
+  def __init__(self, config: ml_collections.ConfigDict, net: train.Network, mesh):
+    self.config = config
+    self.extractor = create_feature_extractor(config)
+    self.reference = reference_statistics(config, self.extractor)
+    self.train_images = None
+    if config.eval.memorization:
+      images, _ = classifier_lib.load_split(config.data, config.data.split)
+      limit = config.eval.memorization_max_train
+      self.train_images = images[:limit] if limit else images
+    self.options = sampling.SamplerOptions.from_config(config.sample)
+    self.generate = make_generator(config, net, mesh, self.options)
+
+  def evaluate(self, params: Any, rng: jax.Array,
+               num_samples: int | None = None) -> dict[str, Any]:
+    """Samples and scores them: {'metrics', 'images', 'labels', 'seconds'}."""
+    num = num_samples or self.config.eval.num_samples
+    t0 = time.time()
+    images, labels, nfe = self.generate(params, rng, num)
+    t1 = time.time()
+    metrics = compute_metrics(self.config, images, labels, self.extractor, self.reference,
+                              self.train_images)
+    metrics['nfe'] = nfe
+    seconds = {'sampling': round(t1 - t0, 1), 'metrics': round(time.time() - t1, 1)}
+    logging.info('evaluation of %d samples: %s (%s)', num, metrics, seconds)
+    return {'metrics': metrics, 'images': images, 'labels': labels, 'seconds': seconds}
+
+
+# ------------------------------------------------------------------------------ modes
+
+
+def _restore(config: ml_collections.ConfigDict, workdir: str):
+  mesh = train.validated_mesh(config)
+  setup = train.TrainSetup.create(config, mesh)
+  abstract = setup.sharded_abstract_state()['ema_params']
+  params, step = checkpointing.restore_params(workdir, abstract, use_ema=config.sample.use_ema)
+  logging.info('restored the %s parameters of step %d from %s',
+               'EMA' if config.sample.use_ema else 'raw', step, workdir)
+  return mesh, setup.net, params, step
+
+
+def _sampler_tag(options: sampling.SamplerOptions) -> str:
+  steps = 'adaptive' if options.method == 'dopri5' else f'{options.num_steps}'
+  return f'{options.method}{steps}_cfg{options.cfg_scale:g}'
+
+
+def run_sample(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+  """--mode=sample: a grid PNG (a row per class) and an .npz of samples and labels."""
+  checkpointing.check_and_save_config(config, workdir)
+  mesh, net, params, step = _restore(config, workdir)
+  options = sampling.SamplerOptions.from_config(config.sample)
+  rows = min(config.data.num_classes, 10)
+  num = max(config.sample.num_samples, rows * config.sample.per_class)
+  images, labels, nfe = make_generator(config, net, mesh, options)(
+      params, jax.random.fold_in(jax.random.key(config.seed), 0x5A3E), num)
+  # The grid takes the first `per_class` samples of each of the first `rows` classes.
+  grid_idx = np.concatenate([np.flatnonzero(labels == c)[:config.sample.per_class]
+                             for c in range(rows)])
+  tag = f'sample_{step:08d}_{_sampler_tag(options)}'
+  out = checkpointing.workdir_path(workdir) / 'samples'
+  png, npz = out / f'{tag}.png', out / f'{tag}.npz'
+  if jax.process_index() == 0:
+    out.mkdir(parents=True, exist_ok=True)
+    train.save_grid_png(train.image_grid(images[grid_idx], config.sample.per_class), png)
+    with npz.open('wb') as f:
+      np.savez(f, samples=images, labels=labels)
+  logging.info('wrote %s and %s (%d samples, %.1f NFE each)', png, npz, num, nfe)
+  return {'grid': str(png), 'npz': str(npz)}
+
+
+def format_table(result: dict[str, Any]) -> str:
+  """The eval.json summary as an aligned two-column text table."""
+  rows = [('checkpoint step', str(result['step'])),
+          ('samples', str(result['num_samples'])),
+          ('sampler', result['sampler_tag']),
+          ('features', f'{result["features"]["kind"]} ({result["features"]["fingerprint"]})')]
+  names = {'fd': 'Fréchet distance', 'accuracy': 'conditional accuracy',
+           'precision': 'precision (k-NN)', 'recall': 'recall (k-NN)',
+           'memorized_fraction': 'memorised (NN ratio < 1/3)',
+           'nn_ratio_median': 'median NN ratio', 'nfe': 'NFE per sample'}
+  for key, name in names.items():
+    if key in result['metrics']:
+      rows.append((name, f'{result["metrics"][key]:.4f}'))
+  width = max(len(r[0]) for r in rows)
+  return '\n'.join(f'{a:<{width}}  {b}' for a, b in rows)
+
+
+def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """--mode=eval: restores the latest checkpoint, scores N samples, writes eval.json."""
+  checkpointing.check_and_save_config(config, workdir)
+  mesh, net, params, step = _restore(config, workdir)
+  evaluator = Evaluator(config, net, mesh)
+  out = evaluator.evaluate(params, jax.random.fold_in(jax.random.key(config.seed), 0xE7A1))
+  result = {
+      'step': step,
+      'num_samples': int(config.eval.num_samples),
+      'sampler': dataclasses.asdict(evaluator.options),
+      'sampler_tag': _sampler_tag(evaluator.options),
+      'features': {'kind': evaluator.extractor.kind,
+                   'fingerprint': evaluator.extractor.fingerprint,
+                   **evaluator.extractor.info},
+      'reference': evaluator.reference.source,
+      'metrics': out['metrics'],
+      'seconds': out['seconds'],
+  }
+  path = checkpointing.workdir_path(workdir) / 'eval.json'
+  if jax.process_index() == 0:
+    tmp = path.parent / 'eval.json.tmp'
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
+  print(format_table(result), flush=True)
+  logging.info('wrote %s', path)
+  return result
+
+
+def run_train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """--mode=train_classifier: trains the domain classifier into config.eval.classifier_dir
+  (default: the shared cache, so every run of the dataset uses the same one)."""
+  del workdir  # the classifier belongs to the dataset, not to a run
+  info = classifier_lib.train(config)
+  print(f'domain classifier: test accuracy {info["test_accuracy"]:.4f}, fingerprint '
+        f'{info["fingerprint"]}, saved to {classifier_lib.default_directory(config)}',
+        flush=True)
+  return info
