@@ -77,13 +77,20 @@ def build(arch: dict[str, Any], seed: int = 0) -> DomainClassifier:
 # ------------------------------------------------------------------------------ data
 
 
-def load_split(data_config: ml_collections.ConfigDict,
-               split: str) -> tuple[np.ndarray, np.ndarray]:
-  """A whole split in memory: images float32 [N, H, W, C] in [−1, 1], labels int32 [N]."""
-  it = pipeline.create_eval_iterator(data_config, local_batch_size=5000, split=split)
-  batches = list(it)
-  return (np.concatenate([b['image'] for b in batches]),
-          np.concatenate([b['label'] for b in batches]).astype(np.int32))
+def load_split(data_config: ml_collections.ConfigDict, split: str,
+               limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """A split (its first `limit` examples) in memory, in order: images float32
+  [N, H, W, C] in [−1, 1], labels int32 [N]."""
+  it = pipeline.create_eval_iterator(data_config, local_batch_size=min(5000, limit or 5000),
+                                     split=split)
+  images, labels, count = [], [], 0
+  for batch in it:
+    images.append(batch['image'])
+    labels.append(batch['label'])
+    count += len(batch['label'])
+    if limit and count >= limit:
+      break
+  return (np.concatenate(images)[:limit], np.concatenate(labels)[:limit].astype(np.int32))
 
 
 def digest(*arrays: np.ndarray) -> str:
@@ -118,9 +125,13 @@ def accuracy(logits_fn: Callable, images: np.ndarray, labels: np.ndarray,
 
 
 def train(config: ml_collections.ConfigDict, directory: str | None = None, *,
-          batch_size: int = 128, learning_rate: float = 1e-3) -> dict[str, Any]:
+          batch_size: int = 128, learning_rate: float = 1e-3,
+          steps_per_epoch: int | None = None) -> dict[str, Any]:
   """Trains the classifier on config.data's train split for config.eval.classifier_epochs
-  epochs (Adam), measures test accuracy, saves to `directory`; returns the saved info."""
+  epochs (Adam), measures test accuracy, saves to `directory`; returns the saved info.
+
+  `steps_per_epoch` cuts epochs short (quick smoke runs and tests); default: whole epochs.
+  """
   directory = epath.Path(directory or default_directory(config))
   arch = architecture(config.data)
   t0 = time.time()
@@ -146,7 +157,7 @@ def train(config: ml_collections.ConfigDict, directory: str | None = None, *,
     return optax.apply_updates(p, updates), o, loss
 
   rng = np.random.default_rng(config.seed)
-  steps_per_epoch = len(train_x) // batch_size
+  steps_per_epoch = steps_per_epoch or len(train_x) // batch_size
   for epoch in range(config.eval.classifier_epochs):
     order = rng.permutation(len(train_x))
     losses = []

@@ -219,9 +219,8 @@ class Evaluator:
     self.reference = reference_statistics(config, self.extractor)
     self.train_images = None
     if config.eval.memorization:
-      images, _ = classifier_lib.load_split(config.data, config.data.split)
-      limit = config.eval.memorization_max_train
-      self.train_images = images[:limit] if limit else images
+      self.train_images, _ = classifier_lib.load_split(
+          config.data, config.data.split, config.eval.memorization_max_train or None)
     self.options = sampling.SamplerOptions.from_config(config.sample)
     self.generate = make_generator(config, net, mesh, self.options)
 

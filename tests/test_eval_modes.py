@@ -1,0 +1,81 @@
+"""The sampling and evaluation workflows end to end on a tiny run: periodic evaluation in the
+train loop, --mode=sample, --mode=eval, and the domain classifier's save/load contract."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pafm_jax import evaluation, train
+from pafm_jax.evaluation import classifier, runner
+from tests.test_train import tiny_config
+
+
+@pytest.fixture(scope='module')
+def tiny_run(fmnist_tfds_dir, tmp_path_factory):
+  """A quickly trained classifier and a 2-step SiT run evaluated in its loop."""
+  root = tmp_path_factory.mktemp('eval')
+  config = tiny_config(fmnist_tfds_dir, **{
+      'total_steps': 2, 'eval.every_steps': 2, 'eval.num_samples': 40,
+      'eval.classifier_dir': str(root / 'classifier'), 'eval.memorization_max_train': 500,
+      'sample.batch_size': 16, 'sample.num_steps': 2, 'sample.cfg_scale': 1.5})
+  info = classifier.train(config, steps_per_epoch=3)
+  workdir = root / 'run'
+  train.train_and_evaluate(config, str(workdir))
+  return config, workdir, info
+
+
+def test_periodic_eval_writes_scalars(tiny_run):
+  _, workdir, _ = tiny_run
+  events = [f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]
+  blob = b''.join((workdir / f).read_bytes() for f in events)
+  for name in (b'eval/fd', b'eval/accuracy', b'eval/precision', b'eval/memorized_fraction'):
+    assert name in blob
+
+
+def test_classifier_save_load_and_fingerprint(tiny_run):
+  config, _, info = tiny_run
+  clf = classifier.load(config.eval.classifier_dir)
+  assert clf.fingerprint == info['fingerprint'] and len(clf.fingerprint) == 16
+  images, labels = classifier.load_split(config.data, 'test')
+  assert classifier.digest(images, labels) == info['test_digest']
+  feats, logits = clf.apply(images[:7])
+  assert feats.shape == (7, 128) and logits.shape == (7, 10)
+  # The penultimate features are what the head reads: logits = head(features).
+  head = clf.params['head']
+  np.testing.assert_allclose(logits, np.asarray(feats) @ head['kernel'] + head['bias'],
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(FileNotFoundError, match='train_classifier'):
+    classifier.load(str(config.eval.classifier_dir) + '_missing')
+
+
+def test_sample_mode_writes_grid_and_npz(tiny_run):
+  config, workdir, _ = tiny_run
+  out = runner.run_sample(config, str(workdir))
+  assert os.path.exists(out['grid'])
+  data = np.load(out['npz'])
+  assert data['samples'].shape == (10 * config.sample.per_class, 28, 28, 1)
+  np.testing.assert_array_equal(np.bincount(data['labels']), [config.sample.per_class] * 10)
+
+
+def test_eval_mode_writes_eval_json_and_caches_reference(tiny_run, capsys):
+  config, workdir, info = tiny_run
+  result = runner.run_eval(config, str(workdir))
+  saved = json.loads((workdir / 'eval.json').read_text())
+  assert saved['metrics'] == pytest.approx(result['metrics'])
+  assert saved['features']['fingerprint'] == info['fingerprint']
+  assert set(saved['metrics']) == {'fd', 'accuracy', 'precision', 'recall',
+                                   'memorized_fraction', 'nn_ratio_median', 'nfe'}
+  assert saved['metrics']['fd'] > 0 and 0 <= saved['metrics']['accuracy'] <= 1
+  assert 'Fréchet distance' in capsys.readouterr().out
+  # The cached reference statistics are those of the test split's classifier features.
+  ref = np.load(saved['reference'])
+  images, _ = classifier.load_split(config.data, 'test')
+  feats, _ = classifier.load(config.eval.classifier_dir).apply(images[:500])
+  mu, _ = evaluation.gaussian_statistics(np.asarray(feats))
+  assert ref['features'].shape == (10_000, 128)
+  np.testing.assert_allclose(ref['features'][:500], feats, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(ref['mu'], ref['features'].astype(np.float64).mean(0), rtol=1e-5,
+                             atol=1e-6)
+  del mu
