@@ -108,7 +108,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.num_samples = 10_000
   c.eval.features = 'classifier'   # 'classifier' (domain CNN) or 'inception' (FID)
   c.eval.classifier_dir = ''       # '' = $PAFM_CLASSIFIER_DIR or ~/.cache/pafm_jax/classifier
-  c.eval.classifier_epochs = 3
+  c.eval.classifier_epochs = 5
   c.eval.reference_split = 'test'  # real images of the reference statistics
   c.eval.inception_weights = ''    # pt_inception-2015-12-05-6726825d.pth or a .npz
   c.eval.reference_stats = ''      # ADM-style .npz (mu, sigma or arr_0) for 'inception'
