@@ -45,7 +45,7 @@ SETTINGS = (
 def main(argv):
   del argv
   config = FLAGS.config
-  mesh, net, params, step = runner._restore(config, FLAGS.workdir)  # pylint: disable=protected-access
+  mesh, net, params, step = runner.restore_sampling_params(config, FLAGS.workdir)
   extractor = runner.create_feature_extractor(config)
   reference = runner.reference_statistics(config, extractor)
   rng = jax.random.fold_in(jax.random.key(config.seed), 0xFD)

@@ -242,7 +242,9 @@ class Evaluator:
 # ------------------------------------------------------------------------------ modes
 
 
-def _restore(config: ml_collections.ConfigDict, workdir: str):
+def restore_sampling_params(config: ml_collections.ConfigDict, workdir: str):
+  """(mesh, network, params, step): the latest checkpoint's EMA (or raw, per
+  config.sample.use_ema) parameters on their train shardings, nothing else."""
   mesh = train.validated_mesh(config)
   setup = train.TrainSetup.create(config, mesh)
   abstract = setup.sharded_abstract_state()['ema_params']
@@ -260,7 +262,7 @@ def _sampler_tag(options: sampling.SamplerOptions) -> str:
 def run_sample(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   """--mode=sample: a grid PNG (a row per class) and an .npz of samples and labels."""
   checkpointing.check_and_save_config(config, workdir)
-  mesh, net, params, step = _restore(config, workdir)
+  mesh, net, params, step = restore_sampling_params(config, workdir)
   options = sampling.SamplerOptions.from_config(config.sample)
   rows = min(config.data.num_classes, 10)
   num = max(config.sample.num_samples, rows * config.sample.per_class)
@@ -301,7 +303,7 @@ def format_table(result: dict[str, Any]) -> str:
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """--mode=eval: restores the latest checkpoint, scores N samples, writes eval.json."""
   checkpointing.check_and_save_config(config, workdir)
-  mesh, net, params, step = _restore(config, workdir)
+  mesh, net, params, step = restore_sampling_params(config, workdir)
   evaluator = Evaluator(config, net, mesh)
   out = evaluator.evaluate(params, jax.random.fold_in(jax.random.key(config.seed), 0xE7A1))
   result = {
