@@ -121,10 +121,16 @@ def make_batch_sampler(apply_fn: Callable, mesh, shape: tuple[int, ...],
   x_sharding = sharding.batch_sharding(mesh, 1 + len(shape))
   label_sharding = sharding.batch_sharding(mesh, 1)
 
+  replicated = NamedSharding(mesh, P())
+
   def draw(params, rng, labels):
+    labels = jax.lax.with_sharding_constraint(labels, label_sharding)
     return sample_with_nfe(lambda x, t, y: apply_fn(params, x, t, y), rng, labels, shape,
                            options, null_label=null_label, path=path,
                            noise_sharding=x_sharding)
 
-  return jax.jit(draw, in_shardings=(params_shardings, NamedSharding(mesh, P()), label_sharding),
-                 out_shardings=(x_sharding, NamedSharding(mesh, P())))
+  out_shardings = (x_sharding, replicated)
+  if params_shardings is None:  # params keep the shardings they arrive with
+    return jax.jit(draw, out_shardings=out_shardings)
+  return jax.jit(draw, in_shardings=(params_shardings, replicated, label_sharding),
+                 out_shardings=out_shardings)
