@@ -19,7 +19,7 @@ def tiny_run(fmnist_tfds_dir, tmp_path_factory):
   config = tiny_config(fmnist_tfds_dir, **{
       'total_steps': 2, 'eval.every_steps': 2, 'eval.num_samples': 40,
       'eval.classifier_dir': str(root / 'classifier'), 'eval.memorization_max_train': 500,
-      'sample.batch_size': 16, 'sample.num_steps': 2, 'sample.cfg_scale': 1.5})
+      'sample.batch_size': 16, 'sample.num_steps': 2, 'sample.cfg_scale': 1.0})
   info = classifier.train(config, steps_per_epoch=3)
   workdir = root / 'run'
   train.train_and_evaluate(config, str(workdir))
