@@ -33,12 +33,12 @@ flags.mark_flags_as_required(['config', 'workdir'])
 # (label, SamplerOptions fields). StableVS keeps the base grid's points with t ≥ 0.85 and
 # crosses t < 0.85 in 9 steps.
 SETTINGS = (
-    [(f'euler {n}', dict(method='euler', num_steps=n)) for n in (8, 16, 32, 64)]
-    + [(f'heun {n}', dict(method='heun', num_steps=n)) for n in (4, 8, 16, 32)]
+    [(f'euler {n}', dict(method='euler', num_steps=n)) for n in (8, 16, 32)]
+    + [(f'heun {n}', dict(method='heun', num_steps=n)) for n in (4, 8, 16)]
     + [('dopri5 rtol 1e-2', dict(method='dopri5', rtol=1e-2, atol=1e-3)),
        ('dopri5 rtol 1e-3', dict(method='dopri5', rtol=1e-3, atol=1e-6))]
-    + [(f'stablevs {n}', dict(method='stablevs', num_steps=n)) for n in (16, 32, 64, 128)]
-    + [(f'sde {n}', dict(method='sde', num_steps=n)) for n in (32, 64)]
+    + [(f'stablevs {n}', dict(method='stablevs', num_steps=n)) for n in (16, 32, 64)]
+    + [('sde 32', dict(method='sde', num_steps=32))]
 )
 
 
