@@ -196,6 +196,8 @@ def make_generator(config: ml_collections.ConfigDict, net: train.Network, mesh,
 def compute_metrics(config: ml_collections.ConfigDict, images: np.ndarray, labels: np.ndarray,
                     extractor: FeatureExtractor, reference: Reference,
                     train_images: np.ndarray | None) -> dict[str, float]:
+  """The metrics of generated images [N, H, W, C] with their labels [N] (module docstring);
+  memorisation only when `train_images` [M, H, W, C] are given."""
   feats, logits = extractor(images)
   mu, sigma = frechet.gaussian_statistics(feats)
   metrics = {'fd': frechet.frechet_distance(mu, sigma, reference.mu, reference.sigma)}
