@@ -33,8 +33,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 # (label, SamplerOptions fields). StableVS keeps the base grid's points with t ≥ 0.85 and
 # crosses t < 0.85 in 9 steps.
 SETTINGS = (
-    [(f'euler {n}', dict(method='euler', num_steps=n)) for n in (8, 16, 32)]
-    + [(f'heun {n}', dict(method='heun', num_steps=n)) for n in (4, 8, 16)]
+    [(f'euler {n}', dict(method='euler', num_steps=n)) for n in (8, 12, 16, 20, 32)]
+    + [(f'heun {n}', dict(method='heun', num_steps=n)) for n in (4, 8, 16, 32)]
     + [('dopri5 rtol 1e-2', dict(method='dopri5', rtol=1e-2, atol=1e-3)),
        ('dopri5 rtol 1e-3', dict(method='dopri5', rtol=1e-3, atol=1e-6))]
     + [(f'stablevs {n}', dict(method='stablevs', num_steps=n)) for n in (16, 32, 64)]
