@@ -2,6 +2,8 @@
 state-dict layout, and its error paths. No real weights exist here: the reference network has
 random weights in the real file's names and shapes."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -77,6 +79,10 @@ def test_pth_goes_through_the_torch_reader_and_npz_is_read_directly(tmp_path):
   seen = []
   got = inception.read_weights(str(pth), torch_reader=lambda p: seen.append(p) or {'a': 1})
   assert seen == [str(pth)] and got == {'a': 1}
+  # The default reader is the restricted unpickler (a file torch itself wrote).
+  torch_written = inception.read_weights(os.path.join(ref.HERE, 'torch_dtypes.pt'))
+  expected = np.load(os.path.join(ref.HERE, 'torch_dtypes_expected.npz'))
+  np.testing.assert_array_equal(torch_written['float32'], expected['float32'])
   npz = tmp_path / 'w.npz'
   np.savez(npz, **{'fc.bias': np.arange(3, dtype=np.float32)})
   np.testing.assert_array_equal(inception.read_weights(str(npz))['fc.bias'], [0, 1, 2])

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pafm_jax import torch_io
+
 WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
 FEATURE_DIM = 2048
 NUM_LOGITS = 1008   # the 2015 graph's 1008-way classifier
@@ -251,19 +253,9 @@ def expected_state_dict_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
-  """A PyTorch state dict as numpy arrays, read without torch and without running code.
-
-  Delegates to `pafm_jax.torch_io` (the restricted unpickler shared with the checkpoint
-  converter), which refuses every global but tensor storage.
-  """
-  try:
-    from pafm_jax import torch_io  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(
-        f'reading {path} needs pafm_jax.torch_io, the restricted PyTorch unpickler; without '
-        'it, give the weights as an .npz with the same keys.') from e
-  state = torch_io.load(path)
-  return {str(k): np.asarray(v) for k, v in state.items()}
+  """A PyTorch state dict as numpy arrays, read without torch and without running code
+  (`pafm_jax.torch_io`: an allow-listed unpickler that builds nothing but tensors)."""
+  return {str(k): np.asarray(v) for k, v in torch_io.load(path).items()}
 
 
 def read_weights(path: str,
