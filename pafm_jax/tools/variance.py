@@ -60,7 +60,7 @@ def _class_posterior(x_t, t, class_items, *, path, k):
   return mean, jax.lax.top_k(scores, k)[1]
 
 
-def exact_posterior(path, x_t, t, labels, images, dataset_labels, class_index, k):
+def exact_posterior(path, x_t, t, labels, images, class_index, k):
   """u*'s posterior mean x̄0 for each row (by brute force over its class) and the ids of the
   k same-class items nearest to x_t/α_t (the exact noisy neighbours)."""
   mean = np.zeros(x_t.shape, np.float32)
@@ -87,10 +87,9 @@ def clean_neighbours(x0, labels, images, class_index, k):
 
 
 def measure(config, times, *, num_batches: int, batch_size: int, seed: int,
-            bank_capacity: int = 256, images=None, labels=None) -> dict:
+            bank_capacity: int = 256) -> dict:
   """{'t': [...], estimator: [mean ‖target − u*‖² per t]} on the config's training data."""
-  if images is None:
-    images, labels = pipeline.load_arrays(config.data)
+  images, labels = pipeline.load_arrays(config.data)
   path = paths.get_path(config.objective.path)
   null = config.data.num_classes
   class_index = {c: np.flatnonzero(labels == c) for c in range(config.data.num_classes)}
@@ -117,8 +116,7 @@ def measure(config, times, *, num_batches: int, batch_size: int, seed: int,
       eps = rng.normal(size=x0.shape).astype(np.float32)
       t = np.full(batch_size, t_val, np.float32)
       x_t = np.asarray(paths.interpolate(path, f32(x0), f32(eps), f32(t)))
-      x0_star, noisy = exact_posterior(path, x_t, t, y, images, labels, class_index,
-                                       STRATIFIED_K)
+      x0_star, noisy = exact_posterior(path, x_t, t, y, images, class_index, STRATIFIED_K)
       u_star = np.asarray(posterior.velocity_of_mean(f32(x_t), f32(t), f32(x0_star), path))
       clean = clean_neighbours(x0, y, images, class_index, CLEAN_K)
       # StableVM's bank row: the own endpoint and bank_capacity − 1 other items of its class.
