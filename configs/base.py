@@ -59,6 +59,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.retrieval = ml_collections.ConfigDict()
   c.retrieval.mode = 'none'                # 'none' | 'clean' (kNN of x0) | 'noisy' (of x_t/α_t)
   c.retrieval.k = 16                       # neighbours per sample
+  c.retrieval.backend = 'scann'            # 'scann' | 'exact' (brute force: small data, truth)
+  c.retrieval.index_dir = ''               # '' = <workdir>/retrieval_index; a local path per host
+  c.retrieval.auto_build = True            # build a missing index when training starts
+  # Key transform (linear): 'flatten' | 'avg_pool' (key_pool × key_pool windows) |
+  # 'random_projection' (seeded Gaussian to key_dim).
+  c.retrieval.key = 'flatten'
+  c.retrieval.key_pool = 2
+  c.retrieval.key_dim = 256
+  c.retrieval.key_seed = 0
+  # ScaNN; 0 = size-dependent default (retrieval/index.py ScannParams.resolve).
+  c.retrieval.scann = ml_collections.ConfigDict()
+  c.retrieval.scann.num_leaves = 0
+  c.retrieval.scann.leaves_to_search = 0
+  c.retrieval.scann.reorder = 0
+  c.retrieval.scann.dims_per_block = 2
+  c.retrieval.scann.training_sample_size = 100_000
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-4

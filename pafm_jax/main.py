@@ -2,7 +2,8 @@
 
 Modes: train (default; resumes by itself), sample (grid PNG + .npz from the latest
 checkpoint), eval (metrics of config.eval.num_samples samples → eval.json), train_classifier
-(the domain classifier whose features the Fréchet distance uses).
+(the domain classifier whose features the Fréchet distance uses), build_index (the ScaNN or
+exact retrieval index of config.retrieval; training builds a missing one by itself).
 """
 
 from absl import app, flags
@@ -15,7 +16,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file in configs/.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'train_classifier'],
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'train_classifier', 'build_index'],
                   'What to do with the config and workdir.')
 flags.DEFINE_bool('distributed', False,
                   'Call jax.distributed.initialize() first (multi-host TPU pods and GPU clusters).')
@@ -30,6 +31,15 @@ def main(argv):
     jax.distributed.initialize()
   if FLAGS.mode == 'train':
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    return
+  if FLAGS.mode == 'build_index':
+    from pafm_jax.retrieval import dataset_index  # pylint: disable=g-import-not-at-top
+    index = dataset_index.build(FLAGS.config, FLAGS.workdir, overwrite=True)
+    meta = index.metadata
+    print(f'retrieval index: {meta["num_items"]:,} items, {meta["num_partitions"]} '
+          f'partition(s), backend {meta["backend"]}, key {meta["key"]}, built in '
+          f'{meta["build_seconds"]} s, peak memory {meta["build_peak_memory_mib"]} MiB → '
+          f'{index.directory}', flush=True)
     return
   from pafm_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
   {'sample': runner.run_sample, 'eval': runner.run_eval,

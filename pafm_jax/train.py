@@ -25,6 +25,9 @@ from PIL import Image
 from pafm_jax import checkpointing, objectives, paths, sampling, sharding
 from pafm_jax.data import pipeline
 from pafm_jax.models import sit
+from pafm_jax.retrieval import dataset_index
+from pafm_jax.retrieval import keys as retrieval_keys
+from pafm_jax.retrieval import stage as retrieval_stage
 
 NUM_T_BUCKETS = 5
 BUCKETED_DIAGNOSTICS = ('ess', 'target_shift')
@@ -46,6 +49,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
     raise ValueError(f'config.data.image_size={config.data.image_size} is not divisible by the '
                      f'patch size {patch} of {config.model.name}; pick another model or size.')
   objectives.check_objective_config(config)
+  if config.retrieval.mode != 'none':
+    dataset_index.check_retrieval_config(config)
   paths.get_path(config.objective.path)
   if config.objective.t_sampling not in objectives.T_SAMPLINGS:
     raise ValueError(f'unknown t sampling {config.objective.t_sampling!r}; '
@@ -422,19 +427,31 @@ class TrainSetup:
 # The loop.
 
 
+def neighbour_stage(config: ml_collections.ConfigDict, workdir: str):
+  """The data pipeline's retrieval stage (a factory of (data source, first row)), or None
+  when config.retrieval.mode == 'none'. Checks the index against the config first and builds
+  it when missing (config.retrieval.auto_build), so a wrong index fails before compiling."""
+  if config.retrieval.mode == 'none':
+    return None
+  index = dataset_index.ensure(config, workdir)
+  shape = (config.data.image_size, config.data.image_size, config.data.channels)
+
+  def factory(source, first_row):
+    return retrieval_stage.NeighbourStage(
+        index, source, shape, mode=config.retrieval.mode, k=config.retrieval.k,
+        key=retrieval_keys.KeyTransform.from_config(config), seed=config.seed,
+        path_name=config.objective.path, t_sampling=config.objective.t_sampling,
+        row_offset=first_row)
+
+  return factory
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains until config.total_steps, resuming from the latest checkpoint in workdir.
 
   Returns the final train state (sharded arrays) and the last logged metrics.
   """
   mesh = validated_mesh(config)
-  if config.retrieval.mode != 'none':
-    raise ValueError(
-        f'config.retrieval.mode={config.retrieval.mode!r}, but this data pipeline has no '
-        "retrieval stage yet to deliver the 'neighbours' batch fields. Set "
-        "config.retrieval.mode='none' (PAFM over the global batch), or call "
-        'train.TrainSetup.compile_step() with batches that carry the fields of '
-        'train.batch_spec(config).')
   checkpointing.check_and_save_config(config, workdir)
   logging.info('mesh %s over %d devices (%d processes)', dict(mesh.shape), jax.device_count(),
                jax.process_count())
@@ -444,7 +461,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   data_iter = pipeline.create_train_iterator(
       config.data, local_batch_size=config.global_batch_size // jax.process_count(),
-      process_index=jax.process_index(), process_count=jax.process_count(), seed=config.seed)
+      process_index=jax.process_index(), process_count=jax.process_count(), seed=config.seed,
+      extra_stage=neighbour_stage(config, workdir))
 
   manager = checkpointing.create_manager(workdir, save_every=config.checkpoint_every_steps,
                                          max_to_keep=config.keep_checkpoints)
@@ -482,9 +500,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                              every_steps=config.log_every_steps)
     history: list[dict] = []
     step = start_step
+    # Host time blocked on the data pipeline, as a share of the interval's wall time: the
+    # input is a bottleneck when this is not ≈ 0 (the retrieval stage runs in the pipeline).
+    data_wait, interval_start = 0.0, time.perf_counter()
     while step < config.total_steps:
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        batch = to_global_batch(next(data_iter), setup.batch_spec, mesh)
+        t_data = time.perf_counter()
+        local_batch = next(data_iter)
+        data_wait += time.perf_counter() - t_data
+        batch = to_global_batch(local_batch, setup.batch_spec, mesh)
         state, metrics = compiled(state, batch)
       step += 1
       history.append(metrics)
@@ -492,6 +516,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       is_last = step == config.total_steps
       if step % config.log_every_steps == 0 or is_last:
         last = summarize(history)
+        now = time.perf_counter()
+        last['data_wait_fraction'] = data_wait / max(now - interval_start, 1e-9)
+        data_wait, interval_start = 0.0, now
         history = []
         writer.write_scalars(step, last)
       if step % config.sample_every_steps == 0 or is_last:

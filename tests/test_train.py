@@ -154,12 +154,19 @@ def test_flatten_config_for_hparams():
 # ---------------------------------------------------------------------------- the loop
 
 
-@pytest.mark.parametrize('objective', ['pafm', 'stablevm'])
+@pytest.mark.parametrize('objective', ['pafm', 'stablevm', 'pafm_noisy_retrieval'])
 def test_resume_is_bit_identical(fmnist_tfds_dir, tmp_path, objective):
-  """N steps, stop, resume to 2N == 2N uninterrupted: params, StableVM's bank, data stream."""
+  """N steps, stop, resume to 2N == 2N uninterrupted: params, StableVM's bank, data stream
+  (with retrieval: the neighbours, t and ε the pipeline attaches)."""
   n = 3
   over = {'objective.name': objective, 'objective.stablevm.bank_capacity': 8,
           'checkpoint_every_steps': 100}
+  if objective == 'pafm_noisy_retrieval':
+    # The exact backend (no ScaNN build); one index shared by both runs.
+    over.update({'objective.name': 'pafm', 'objective.pafm.sources': 'batch+retrieved',
+                 'objective.pafm.stratified': True, 'retrieval.mode': 'noisy',
+                 'retrieval.k': 4, 'retrieval.backend': 'exact',
+                 'retrieval.index_dir': str(tmp_path / 'index')})
   c_half = tiny_config(fmnist_tfds_dir, total_steps=n, **over)
   c_full = tiny_config(fmnist_tfds_dir, total_steps=2 * n, **over)
   resumed_dir, straight_dir = str(tmp_path / 'resumed'), str(tmp_path / 'straight')
@@ -216,7 +223,9 @@ def test_checkpoint_params_restore_as_plain_arrays(fmnist_tfds_dir, tmp_path):
     ({'global_batch_size': 12}, 'not divisible by the 8 batch shards'),
     ({'sample.method': 'rk4'}, 'config.sample.method'),
     ({'objective.pafm.sources': 'batch+retrieved'}, 'config.retrieval.mode'),
-    ({'retrieval.mode': 'noisy'}, 'no retrieval stage'),
+    ({'retrieval.mode': 'noisy', 'retrieval.backend': 'faiss'}, 'config.retrieval.backend'),
+    ({'retrieval.mode': 'noisy', 'retrieval.key': 'pca'}, 'config.retrieval.key'),
+    ({'retrieval.mode': 'clean', 'retrieval.k': 0}, 'config.retrieval.k'),
 ])
 def test_bad_config_fails_before_any_work(overrides, message, tmp_path):
   config = tiny_config('/nonexistent', **overrides)

@@ -8,6 +8,8 @@ Train pipeline (:func:`create_train_iterator`), one per JAX process::
     .map(rows [p*b, (p+1)*b) of each global batch)  this process's slice
     .repeat()                              forever; upstream shuffle reseeded per epoch
     .map(read + preprocess one batch)      one `source.__getitems__` call per batch
+    [.map_with_index(extra_stage)]         e.g. retrieval.stage.NeighbourStage: a pure
+                                           function of (global batch index, batch)
     .to_iter_dataset(ReadOptions)          thread prefetch
     [.mp_prefetch(worker_count)]           optional worker processes
 
@@ -368,6 +370,7 @@ def create_train_iterator(
   process_index: int = 0,
   process_count: int = 1,
   seed: int | None = None,
+  extra_stage: Any = None,
 ) -> grain.DatasetIterator:
   """Infinite, shuffled, per-process train iterator (supports get/set_state).
 
@@ -376,6 +379,11 @@ def create_train_iterator(
   ``seed`` defaults to ``data.shuffle_seed``; it must be the same on every
   process.  Same arguments -> identical batches; every epoch is a new
   permutation.  Reads ``data.split`` (default 'train').
+
+  ``extra_stage(source, first_row)`` may return a ``grain.transforms.MapWithIndex`` applied
+  to every batch after reading, with the index of the global batch; ``first_row`` is this
+  process's first row in it. It runs in the worker processes too, and resumes with the
+  iterator because it is a pure function of (index, batch).
   """
   if seed is None:
     seed = _get(data_config, "shuffle_seed")
@@ -399,6 +407,8 @@ def create_train_iterator(
     seed=seed,
   )
   ds = index_ds.map(_ReadBatch(source, _image_shape(data_config)))
+  if extra_stage is not None:
+    ds = ds.map_with_index(extra_stage(source, process_index * local_batch_size))
   ds = ds.to_iter_dataset(_read_options(data_config))
   ds = _maybe_mp_prefetch(ds, data_config)
   return iter(ds)

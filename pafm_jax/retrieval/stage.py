@@ -1,0 +1,132 @@
+"""The Grain stage that attaches retrieved posterior candidates to each training batch.
+
+For every row (sample x0 with label y and dataset id) it adds
+
+  neighbours        float32 [b, k, H, W, C]  k same-class dataset items, read from the source
+  neighbour_labels  int32 [b, k]
+  neighbour_ids     int32 [b, k]
+
+and, in 'noisy' mode, the t [b] and ε [b, H, W, C] that the train step then uses instead of
+drawing its own (objectives.velocity_loss): the query x_t/α_t must be known on the host.
+
+  clean  the k nearest other items to x0 (a table precomputed at build time)
+  noisy  the k nearest items to x_t/α_t in key space: the highest-likelihood candidates
+         (METHOD.md §3), where the posterior mass is
+
+Determinism: t and ε of a row are drawn from a generator seeded by (seed, global batch index,
+row of the *global* batch), so a batch is a pure function of its index: the stream does not
+depend on worker count or thread timing, a restored iterator continues exactly, and a
+multi-host run draws the same noise as a single-host one. Nothing here touches JAX: the stage
+runs in Grain's worker processes, which must not claim an accelerator.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import grain
+import numpy as np
+
+from pafm_jax.retrieval import index as index_lib
+from pafm_jax.retrieval import keys as keys_lib
+
+QUERY_MODES = ('clean', 'noisy')
+# α_t below this is floored when forming x_t/α_t: near t = 1 the query direction still ranks
+# the candidates (the likelihood order is invariant to the scale), the value stays finite.
+MIN_ALPHA = 1e-6
+
+
+def host_sample_t(rng: np.random.Generator, kind: str) -> np.float32:
+  """One training time t in [0, 1): the host twin of objectives.sample_t, same laws."""
+  if kind == 'uniform':
+    return np.float32(rng.random())
+  if kind == 'lognormal':
+    n = rng.standard_normal()
+    return np.float32(1.0 - 1.0 / (1.0 + np.exp(1.2 * n - 1.2)))
+  raise ValueError(f'unknown t sampling {kind!r}.')
+
+
+def host_alpha_sigma(path_name: str, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(α_t, σ_t) of paths.LinearPath / CosinePath in numpy float32."""
+  t = np.asarray(t, np.float32)
+  if path_name == 'linear':
+    return 1.0 - t, t
+  if path_name == 'cosine':
+    return (np.cos(np.float32(0.5 * np.pi) * t).astype(np.float32),
+            np.sin(np.float32(0.5 * np.pi) * t).astype(np.float32))
+  raise ValueError(f'no host formula for path {path_name!r}.')
+
+
+class NeighbourStage(grain.transforms.MapWithIndex):
+  """map_with_index(global batch index, batch) → batch with the neighbour fields.
+
+  Pickled into Grain's worker processes without its loaded index: each process loads the
+  index from `index.directory` (its own local copy on a multi-host run) on first use.
+  """
+
+  def __init__(self, index: index_lib.NeighbourIndex, source, image_shape, *, mode: str,
+               k: int, key: keys_lib.KeyTransform, seed: int, path_name: str,
+               t_sampling: str, row_offset: int):
+    if mode not in QUERY_MODES:
+      raise ValueError(f'config.retrieval.mode must be one of {QUERY_MODES} here, got '
+                       f'{mode!r}.')
+    self._index = index
+    self._directory = index.directory
+    self._read = _reader(source, image_shape)
+    self.mode, self.k, self.key = mode, k, key
+    self.seed, self.path_name, self.t_sampling = seed, path_name, t_sampling
+    self.row_offset = row_offset  # this process's first row in the global batch
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state['_index'] = None
+    del state['_lock']
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def index(self) -> index_lib.NeighbourIndex:
+    with self._lock:  # Grain reads batches from several threads
+      if self._index is None:
+        self._index = index_lib.NeighbourIndex.load(self._directory, verify=False)
+        self._index.set_threads(1)
+      return self._index
+
+  def draw_noise(self, batch_index: int, b: int,
+                 sample_shape) -> tuple[np.ndarray, np.ndarray]:
+    """t float32 [b] and ε float32 [b, *sample_shape] of this process's b rows."""
+    t = np.zeros((b,), np.float32)
+    eps = np.zeros((b, *sample_shape), np.float32)
+    for i, row in enumerate(range(self.row_offset, self.row_offset + b)):
+      rng = np.random.default_rng([self.seed, int(batch_index), int(row), 0x7E5])
+      t[i] = host_sample_t(rng, self.t_sampling)
+      eps[i] = rng.standard_normal(sample_shape, np.float32)
+    return t, eps
+
+  def map_with_index(self, index: int, batch: dict) -> dict:
+    x0, labels, ids = batch['image'], batch['label'], batch['id']
+    b = x0.shape[0]
+    out = dict(batch)
+    if self.mode == 'noisy':
+      t, eps = self.draw_noise(index, b, x0.shape[1:])
+      alpha, sigma = host_alpha_sigma(self.path_name, t)
+      alpha = np.maximum(alpha, np.float32(MIN_ALPHA)).reshape(-1, *[1] * (x0.ndim - 1))
+      sigma = sigma.reshape(alpha.shape)
+      query = (alpha * x0 + sigma * eps) / alpha
+      nbr = self.index().search(self.key(query), labels, self.k)
+      out.update(t=t, eps=eps)
+    else:
+      nbr = self.index().clean_neighbours(ids, self.k)
+    read = self._read(nbr.reshape(-1))
+    out.update(neighbours=read['image'].reshape(b, self.k, *x0.shape[1:]),
+               neighbour_labels=read['label'].reshape(b, self.k),
+               neighbour_ids=nbr.astype(np.int32))
+    return out
+
+
+def _reader(source, image_shape):
+  from pafm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline._ReadBatch(source, image_shape)  # pylint: disable=protected-access
