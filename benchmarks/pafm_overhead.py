@@ -41,6 +41,9 @@ def variant(base, objective: str, k: int):
   config = base.copy_and_resolve_references()
   with config.unlocked():
     config.objective.name = objective
+    config.objective.pafm.stratified = False
+    config.retrieval.mode = 'none'
+    config.objective.pafm.sources = 'batch'
     if objective == 'pafm':
       config.objective.pafm.sources = 'batch+retrieved'
       config.retrieval.mode = 'clean'

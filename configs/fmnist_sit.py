@@ -22,6 +22,16 @@ def get_config():
   c.optimizer.warmup_steps = 100
   c.optimizer.ema_decay = 0.999
   c.sample.cfg_scale = 1.5
-  # PAFM over the whole global batch; FM is one override away: --config.objective.name=fm.
+  # PAFM with METHOD.md §3's stratified combination: the whole global batch plus, for each
+  # sample, the 16 training images of its class nearest to x_t/α_t, which ScaNN retrieves in
+  # the data pipeline (a worker process, so it overlaps the step). The index is built into
+  # <workdir>/retrieval_index on the first run (about 20 s). In-batch PAFM only:
+  # --config.objective.pafm.sources=batch --config.objective.pafm.stratified=False
+  # --config.retrieval.mode=none; FM: the same with --config.objective.name=fm.
   c.objective.name = 'pafm'
+  c.objective.pafm.sources = 'batch+retrieved'
+  c.objective.pafm.stratified = True
+  c.retrieval.mode = 'noisy'
+  c.retrieval.k = 16
+  c.data.worker_count = 1
   return c

@@ -397,6 +397,7 @@ def test_stablevm_target_is_snis_over_the_bank_above_t_min_and_fm_below():
 
 def test_objective_config_errors_are_raised_before_any_work():
   c = fmnist_sit.get_config()
+  c.retrieval.mode = 'none'
   c.objective.pafm.sources = 'batch+retrieved'
   with pytest.raises(ValueError, match='config.retrieval.mode'):
     train.validate_config(c, 1, 1)

@@ -28,6 +28,11 @@ def tiny_config(tfds_dir: str, **overrides) -> ml_collections.ConfigDict:
   c.sample.per_class = 1
   c.mesh.data = -1
   c.mesh.fsdp = 2
+  # In-batch PAFM in the main process: retrieval has its own tests (and one resume test here).
+  c.objective.pafm.sources = 'batch'
+  c.objective.pafm.stratified = False
+  c.retrieval.mode = 'none'
+  c.data.worker_count = 0
   for k, v in overrides.items():
     node = c
     *parents, leaf = k.split('.')

@@ -15,8 +15,11 @@ batches, times and noise, and E‖target − u*‖² (mean over pixels) is repor
   stratified64    METHOD.md §3's stratified in-batch + noisy-kNN 64
   stablevm        SNIS over a bank of `bank_capacity` items of the class, for t ≥ 0.5 only
 
-kNN here is exact (brute force); the retrieval issue replaces it with ScaNN. Writes
-`variance.md` (the table), `variance.json` and `variance.png` (log scale) into --workdir.
+kNN is exact (brute force) with --backend=exact, or ScaNN with --backend=scann: the index the
+training pipeline uses (pafm_jax/retrieval), built over the flattened training images into
+<workdir>/variance_index, so the table shows what approximate retrieval costs the targets.
+Writes `variance.md` (the table), `variance.json` and `variance.png` (log scale) into
+--workdir.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ _TIMES = flags.DEFINE_list('t', ['0.3', '0.4', '0.5', '0.6', '0.7', '0.8', '0.9'
 _BATCHES = flags.DEFINE_integer('num_batches', 4, 'Batches per t (each of --batch_size).')
 _BATCH = flags.DEFINE_integer('batch_size', 256, 'In-batch candidate set size.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the batches and noise.')
+_BACKEND = flags.DEFINE_enum('backend', 'exact', ['exact', 'scann'],
+                             'Nearest-neighbour search of the kNN estimators.')
 
 ESTIMATORS = ('fm', 'in_batch', 'batch+clean16', 'noisy16', 'stratified64', 'stablevm')
 CLEAN_K, NOISY_K, STRATIFIED_K = 16, 16, 64
@@ -86,9 +91,20 @@ def clean_neighbours(x0, labels, images, class_index, k):
   return out
 
 
+def scann_index(images, labels, num_classes: int, directory: str):
+  """The ScaNN index of the retrieval pipeline over flattened images, one partition a class."""
+  from pafm_jax.retrieval import index as index_lib  # pylint: disable=g-import-not-at-top
+  return index_lib.build(directory, images.reshape(len(images), -1), labels, backend='scann',
+                         scann_params=index_lib.ScannParams(), clean_k=0,
+                         num_partitions=num_classes, metadata={}, overwrite=True)
+
+
 def measure(config, times, *, num_batches: int, batch_size: int, seed: int,
-            bank_capacity: int = 256) -> dict:
-  """{'t': [...], estimator: [mean ‖target − u*‖² per t]} on the config's training data."""
+            bank_capacity: int = 256, index=None) -> dict:
+  """{'t': [...], estimator: [mean ‖target − u*‖² per t]} on the config's training data.
+
+  `index` (a retrieval NeighbourIndex over flattened images) replaces exact kNN when given.
+  """
   images, labels = pipeline.load_arrays(config.data)
   path = paths.get_path(config.objective.path)
   null = config.data.num_classes
@@ -118,7 +134,13 @@ def measure(config, times, *, num_batches: int, batch_size: int, seed: int,
       x_t = np.asarray(paths.interpolate(path, f32(x0), f32(eps), f32(t)))
       x0_star, noisy = exact_posterior(path, x_t, t, y, images, class_index, STRATIFIED_K)
       u_star = np.asarray(posterior.velocity_of_mean(f32(x_t), f32(t), f32(x0_star), path))
-      clean = clean_neighbours(x0, y, images, class_index, CLEAN_K)
+      if index is None:
+        clean = clean_neighbours(x0, y, images, class_index, CLEAN_K)
+      else:  # the query of noisy retrieval is x_t/α_t (pafm_jax/retrieval/stage.py)
+        alpha = np.asarray(path.alpha(f32(t)))[:, None]
+        flat_x_t = x_t.reshape(batch_size, -1)
+        noisy = index.search(flat_x_t / alpha, y, STRATIFIED_K).astype(np.int32)
+        clean = index.search(x0.reshape(batch_size, -1), y, CLEAN_K).astype(np.int32)
       # StableVM's bank row: the own endpoint and bank_capacity − 1 other items of its class.
       bank = np.stack([np.concatenate([[i], rng.choice(
           class_index[c][class_index[c] != i], bank_capacity - 1, replace=False)])
@@ -187,8 +209,14 @@ def main(argv):
                          f'for Fashion-MNIST, not {config.data.name!r}.')
   os.makedirs(_WORKDIR.value, exist_ok=True)
   start = time.time()
+  index = None
+  if _BACKEND.value == 'scann':
+    images, labels = pipeline.load_arrays(config.data)
+    index = scann_index(images, labels, config.data.num_classes,
+                        os.path.join(_WORKDIR.value, 'variance_index'))
   result = measure(config, times, num_batches=_BATCHES.value, batch_size=_BATCH.value,
-                   seed=_SEED.value)
+                   seed=_SEED.value, index=index)
+  result['backend'] = _BACKEND.value
   table = markdown_table(result)
   print(table)
   with open(os.path.join(_WORKDIR.value, 'variance.md'), 'w') as f:
