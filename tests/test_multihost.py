@@ -1,8 +1,9 @@
 """Two JAX processes on 127.0.0.1 (4 CPU devices each) train exactly like one 8-device process.
 
 Covers what only a multi-host run exercises: `jax.distributed`, per-process data shards
-assembled with `jax.make_array_from_process_local_data`, and Orbax/Grain checkpoints written
-by several processes.
+assembled with `jax.make_array_from_process_local_data`, Orbax/Grain checkpoints written
+by several processes, and the retrieval stage serving each process's rows from that process's
+own copy of the index (stratified PAFM with noisy neighbours).
 """
 
 import os
@@ -29,11 +30,19 @@ WORKER = textwrap.dedent('''
     flags.FLAGS.mark_as_parsed()
     from pafm_jax import train
     from tests.test_train import tiny_config
-    config = tiny_config(sys.argv[3], total_steps=2)
+    from tests.test_multihost import retrieval
+    config = tiny_config(sys.argv[3], total_steps=2, **retrieval(sys.argv[5]))
     assert jax.device_count() == 8 and jax.local_device_count() == 4
     train.train_and_evaluate(config, sys.argv[4])
     print('WORKER_OK', jax.process_index())
 ''')
+
+
+def retrieval(index_dir: str) -> dict:
+  """Stratified PAFM with 4 noisy neighbours from an exact index at index_dir."""
+  return {'objective.pafm.sources': 'batch+retrieved', 'objective.pafm.stratified': True,
+          'retrieval.mode': 'noisy', 'retrieval.k': 4, 'retrieval.backend': 'exact',
+          'retrieval.index_dir': index_dir}
 
 
 def _free_port() -> int:
@@ -47,8 +56,9 @@ def test_two_processes_match_one(fmnist_tfds_dir, tmp_path):
   env = dict(os.environ, PYTHONPATH=repo, XLA_FLAGS='')
   multi_dir = str(tmp_path / 'multi')
   address = f'127.0.0.1:{_free_port()}'
+  # Each "host" builds and reads its own local index directory.
   procs = [subprocess.Popen([sys.executable, '-c', WORKER, address, str(i), fmnist_tfds_dir,
-                             multi_dir], cwd=repo, env=env, stdout=subprocess.PIPE,
+                             multi_dir, str(tmp_path / f'index_host{i}')], cwd=repo, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outs = [p.communicate(timeout=300)[0] for p in procs]
   for i, (p, out) in enumerate(zip(procs, outs)):
@@ -58,8 +68,9 @@ def test_two_processes_match_one(fmnist_tfds_dir, tmp_path):
   data_files = set(os.listdir(os.path.join(multi_dir, 'checkpoints', '2', 'data')))
   assert {'process_0-of-2.json', 'process_1-of-2.json'} <= data_files
 
-  single = train.train_and_evaluate(tiny_config(fmnist_tfds_dir, total_steps=2),
-                                    str(tmp_path / 'single'))
+  single = train.train_and_evaluate(
+      tiny_config(fmnist_tfds_dir, total_steps=2, **retrieval(str(tmp_path / 'index_single'))),
+      str(tmp_path / 'single'))
   # Restored onto this process's 8-device mesh through an abstract target.
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                         single['state'])
