@@ -9,10 +9,15 @@
 # `python -m pafm_jax.main --distributed` on all workers. WORKDIR should be a gs:// path (or a
 # disk every host sees): checkpoints are written by all hosts together, and a restarted
 # command resumes from the latest complete checkpoint by itself.
+#
+# Retrieval (config.retrieval.mode != none): each host reads the index from its own disk. Build
+# it once (--mode=build_index), copy the directory to a bucket, and set INDEX_URI=gs://...: it
+# is copied to ~/pafm_index on every host and passed as config.retrieval.index_dir. Without
+# INDEX_URI every host builds its own copy on first start.
 set -euo pipefail
 
 if [ $# -lt 5 ]; then
-  sed -n '2,11p' "$0"; exit 2
+  sed -n '2,16p' "$0"; exit 2
 fi
 NAME=$1 ZONE=$2 ACCEL=$3 CONFIG=$4 WORKDIR=$5
 shift 5
@@ -37,5 +42,12 @@ SETUP='set -e; rm -rf pafm_jax && mkdir pafm_jax && tar xzf pafm_jax.tar.gz -C p
   .venv/bin/pip install -q "jax[tpu]==$(.venv/bin/python -c "import jax; print(jax.__version__)")"'
 gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all --command="$SETUP"
 
-RUN="cd pafm_jax && .venv/bin/python -m pafm_jax.main --distributed --config=$CONFIG --workdir=$WORKDIR $*"
+INDEX_ARGS=""
+if [ -n "${INDEX_URI:-}" ]; then
+  gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all \
+    --command="rm -rf ~/pafm_index ~/pafm_index_tmp && gsutil -m -q cp -r '${INDEX_URI%/}' ~/pafm_index_tmp && mv ~/pafm_index_tmp ~/pafm_index"
+  INDEX_ARGS="--config.retrieval.index_dir=\$HOME/pafm_index"
+fi
+
+RUN="cd pafm_jax && .venv/bin/python -m pafm_jax.main --distributed --config=$CONFIG --workdir=$WORKDIR $INDEX_ARGS $*"
 gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all --command="$RUN"

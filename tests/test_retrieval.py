@@ -314,3 +314,14 @@ def test_corrupted_index_file_is_named(built, tmp_path):
     f.write('{"format": 1, "files": {')
   with pytest.raises(index_lib.RetrievalIndexError, match='metadata.json'):
     index_lib.NeighbourIndex.load(moved)
+
+
+def test_index_directory_is_local_for_bucket_workdirs(tmp_path):
+  config = retrieval_config('')
+  assert dataset_index.index_directory(config, str(tmp_path)) == str(
+      tmp_path / 'retrieval_index')
+  local = dataset_index.index_directory(config, 'gs://bucket/runs/sit_xl2')
+  assert local == os.path.expanduser('~/.cache/pafm_jax/retrieval_index/sit_xl2')
+  config.retrieval.index_dir = 'gs://bucket/index'
+  with pytest.raises(ValueError, match='must be a local path'):
+    dataset_index.index_directory(config, str(tmp_path))

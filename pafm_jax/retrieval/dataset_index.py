@@ -23,6 +23,7 @@ from pafm_jax.retrieval import index as index_lib
 from pafm_jax.retrieval import keys as keys_lib
 
 DEFAULT_SUBDIR = 'retrieval_index'
+LOCAL_CACHE = '~/.cache/pafm_jax/retrieval_index'
 FINGERPRINT_EXAMPLES = 1024
 BUILD_CHUNK = 4096
 # Metadata fields that must equal the config's for an index to be used.
@@ -36,8 +37,16 @@ def build_command(config_hint: str = '<your config>', workdir: str = '<workdir>'
 
 def index_directory(config: ml_collections.ConfigDict, workdir: str) -> str:
   """config.retrieval.index_dir, or <workdir>/retrieval_index. On a multi-host run each process
-  reads the directory at this path on its own disk."""
-  d = config.retrieval.index_dir or os.path.join(workdir, DEFAULT_SUBDIR)
+  reads the directory at this path on its own disk; for a bucket workdir (gs://...) the
+  default is therefore a local one, ~/.cache/pafm_jax/retrieval_index/<last workdir part>."""
+  d = config.retrieval.index_dir
+  if not d and '://' in workdir:
+    d = os.path.join(LOCAL_CACHE, os.path.basename(workdir.rstrip('/')) or 'default')
+  d = d or os.path.join(workdir, DEFAULT_SUBDIR)
+  if '://' in d:
+    raise ValueError(f'config.retrieval.index_dir={d!r} must be a local path (ScaNN reads '
+                     'its files from disk): copy the index to each host, e.g. with '
+                     'launch/gcp_tpu.sh INDEX_URI=..., and point index_dir at the copy.')
   return os.path.abspath(os.path.expanduser(d))
 
 
