@@ -433,6 +433,10 @@ def neighbour_stage(config: ml_collections.ConfigDict, workdir: str):
   it when missing (config.retrieval.auto_build), so a wrong index fails before compiling."""
   if config.retrieval.mode == 'none':
     return None
+  if config.objective.name != 'pafm' or 'retrieved' not in config.objective.pafm.sources:
+    logging.warning("config.retrieval.mode=%r retrieves neighbours that objective %r does not "
+                    "use (only t and ε from the pipeline are); set config.retrieval.mode='none' "
+                    'to save the retrieval work.', config.retrieval.mode, config.objective.name)
   index = dataset_index.ensure(config, workdir)
   shape = (config.data.image_size, config.data.image_size, config.data.channels)
 
