@@ -1,0 +1,477 @@
+"""FM against PAFM (in-batch and stratified) and StableVM on Fashion-MNIST, at equal budgets.
+
+  python -m experiments.fm_vs_pafm --workdir=runs/fm_vs_pafm          # reduced: this 2-core CPU
+  python -m experiments.fm_vs_pafm --workdir=runs/fm_vs_pafm_full --full   # GPU/TPU budget
+
+Every method trains the same model (configs/fmnist_sit.py, any --config.* override applies to
+all of them) for the same steps with the same seeds; a seed fixes the initialisation, the data
+order and the training noise, so seed s of one method is paired with seed s of another. Each
+run is checkpointed at every --eval_every steps and at its last step, and every checkpoint's
+EMA weights are scored with the same sampler and the same sampling noise (a function of the
+seed only): FD in the domain classifier's features, conditional accuracy, k-NN precision and
+recall, and memorisation (pafm_jax/evaluation/runner.py).
+
+Writes into --workdir:
+  results.md        mean ± std over seeds per method at the last checkpoint, the FD paired
+                    with FM's seed by seed, and FD at every checkpoint
+  results.json      the settings, every run's raw metrics and timings, and the summary
+  fd_vs_steps.png   FD against training steps, mean and a ± std band per method
+  runs/<method>_seed<s>/   each run's train workdir, plus spec.json (its config),
+                    evals.json (metrics per evaluated step, cached as they come) and
+                    result.json (written last: a run that has it is skipped on a re-run)
+
+A killed sweep continues where it stopped when started again with the same flags: training
+resumes from the run's latest checkpoint and evaluated checkpoints are not evaluated again.
+Starting it with other settings in the same workdir is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from typing import Any, Callable
+
+from absl import app, flags, logging
+import jax
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from pafm_jax import checkpointing, logs, train
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Each method is a few overrides of the shared base config. Methods that use no retrieved
+# neighbours switch retrieval off, so no method pays for a pipeline stage it ignores.
+METHODS: dict[str, dict[str, Any]] = {
+    'fm': {'objective.name': 'fm', 'retrieval.mode': 'none'},
+    'pafm_batch': {'objective.name': 'pafm', 'objective.pafm.sources': 'batch',
+                   'retrieval.mode': 'none'},
+    'pafm_stratified': {'objective.name': 'pafm', 'objective.pafm.sources': 'batch+retrieved',
+                        'objective.pafm.stratified': True, 'retrieval.mode': 'noisy',
+                        'retrieval.k': 16},
+    'stablevm': {'objective.name': 'stablevm', 'retrieval.mode': 'none'},
+}
+
+# (key in the metrics, column title, format, better) for the tables.
+METRICS = (
+    ('fd', 'FD ↓', '.2f'),
+    ('accuracy', 'accuracy ↑', '.3f'),
+    ('precision', 'precision ↑', '.3f'),
+    ('recall', 'recall ↑', '.3f'),
+    ('memorized_fraction', 'memorised ↓', '.4f'),
+    ('nn_ratio_median', 'median NN ratio', '.3f'),
+)
+# Every seed's checkpoints are sampled from this one noise stream, so the FD differences
+# between methods and between steps are not sampling noise.
+EVAL_STREAM = 0xE7A1
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """What every run of the sweep gets; the same for each method."""
+  steps: int                  # training steps of every run
+  eval_every: int             # checkpoint and evaluate every so many steps (and at the end)
+  eval_samples: int           # class-balanced samples per evaluation
+  seeds: tuple[int, ...]
+  sampler: str                # config.sample.method
+  sampler_steps: int          # config.sample.num_steps
+  memorization_max_train: int  # training images searched for the nearest ones (0: all)
+
+
+# Sized on this project's 2-core CPU (README "FM vs PAFM experiment" has the timings): the 12
+# runs of 4 methods × 3 seeds, evaluations included, in under an hour.
+REDUCED = Budget(steps=600, eval_every=200, eval_samples=1_000, seeds=(0, 1, 2),
+                 sampler='euler', sampler_steps=16, memorization_max_train=0)
+# An accelerator's budget: 10× the default job's steps, 10 K samples per evaluation (the
+# --mode=eval default) with its Heun 32 sampler (64 NFE), 5 seeds.
+FULL = Budget(steps=20_000, eval_every=2_000, eval_samples=10_000, seeds=(0, 1, 2, 3, 4),
+              sampler='heun', sampler_steps=32, memorization_max_train=0)
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', os.path.join(_REPO, 'configs', 'fmnist_sit.py'),
+    'The base config every method starts from (its --config.* overrides apply to all).')
+flags.DEFINE_string('workdir', None, 'Where the runs, tables and plot go.')
+flags.DEFINE_list('methods', list(METHODS), f'Methods to compare, of {list(METHODS)}.')
+flags.DEFINE_bool('full', False, 'The accelerator budget (FULL) instead of the reduced CPU one '
+                  '(REDUCED); the flags below override either.')
+flags.DEFINE_integer('steps', None, 'Training steps per run.')
+flags.DEFINE_integer('eval_every', None, 'Evaluate every so many steps (and at the last).')
+flags.DEFINE_integer('eval_samples', None, 'Samples per evaluation.')
+flags.DEFINE_list('seeds', None, 'Seeds (config.seed), e.g. 0,1,2.')
+flags.DEFINE_string('sampler', None, 'config.sample.method of every evaluation.')
+flags.DEFINE_integer('sampler_steps', None, 'config.sample.num_steps of every evaluation.')
+flags.DEFINE_integer('memorization_max_train', None,
+                     'Training images searched by the memorisation metric (0: all).')
+flags.mark_flags_as_required(['workdir'])
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+  *parents, leaf = dotted.split('.')
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
+def method_config(base: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
+  """A copy of `base` with the method's overrides (METHODS)."""
+  if method not in METHODS:
+    raise ValueError(f'unknown method {method!r}; choose from {list(METHODS)}.')
+  config = base.copy_and_resolve_references()
+  for dotted, value in METHODS[method].items():
+    _set(config, dotted, value)
+  return config
+
+
+def eval_steps(budget: Budget) -> list[int]:
+  """The evaluated (and kept) checkpoints: every eval_every steps, and the last step."""
+  steps = list(range(budget.eval_every, budget.steps + 1, budget.eval_every))
+  if not steps or steps[-1] != budget.steps:
+    steps.append(budget.steps)
+  return steps
+
+
+def run_config(base: ml_collections.ConfigDict, method: str, seed: int,
+               budget: Budget) -> ml_collections.ConfigDict:
+  """The config of one run: the method's config with the sweep's budget and the seed."""
+  config = method_config(base, method)
+  config.seed = seed
+  config.total_steps = budget.steps
+  # The loop saves at multiples of the interval and at its last step: exactly eval_steps.
+  config.checkpoint_every_steps = budget.eval_every
+  config.keep_checkpoints = len(eval_steps(budget))
+  config.sample_every_steps = budget.steps   # one sample grid, at the end
+  config.eval.every_steps = 0                # evaluated here, after training
+  config.eval.num_samples = budget.eval_samples
+  config.eval.memorization_max_train = budget.memorization_max_train
+  config.sample.method = budget.sampler
+  config.sample.num_steps = budget.sampler_steps
+  return config
+
+
+def resolve_budget(full: bool, **overrides: Any) -> Budget:
+  """REDUCED or FULL with the given fields replaced (None: keep the preset's)."""
+  budget = FULL if full else REDUCED
+  budget = dataclasses.replace(budget, **{k: v for k, v in overrides.items() if v is not None})
+  if budget.steps < 1 or budget.eval_every < 1 or budget.eval_samples < 2:
+    raise ValueError(f'--steps and --eval_every must be ≥ 1 and --eval_samples ≥ 2: {budget}')
+  if not budget.seeds or len(set(budget.seeds)) != len(budget.seeds):
+    raise ValueError(f'--seeds must be distinct and non-empty, got {budget.seeds}.')
+  return budget
+
+
+# ------------------------------------------------------------------------- aggregation
+
+
+def mean_std(values: list[float]) -> dict[str, Any]:
+  """Mean and sample standard deviation (ddof = 1; None for a single value) of per-seed
+  numbers."""
+  x = np.asarray(values, np.float64)
+  return {'mean': float(np.mean(x)), 'std': float(np.std(x, ddof=1)) if len(x) > 1 else None,
+          'n': len(x)}
+
+
+def summarize(runs: list[dict]) -> dict[str, dict[str, dict[str, dict]]]:
+  """{method: {step: {metric: mean_std over the seeds}}} of the runs' metrics."""
+  out: dict[str, dict] = {}
+  for method in dict.fromkeys(r['method'] for r in runs):
+    mine = [r for r in runs if r['method'] == method]
+    out[method] = {}
+    for step in mine[0]['metrics']:
+      names = mine[0]['metrics'][step]
+      out[method][step] = {k: mean_std([r['metrics'][step][k] for r in mine]) for k in names}
+  return out
+
+
+def paired_differences(runs: list[dict], metric: str, baseline: str,
+                       step: str) -> dict[str, dict]:
+  """{method: mean_std of metric(method, seed) − metric(baseline, seed)} over shared seeds."""
+  base = {r['seed']: r['metrics'][step][metric] for r in runs if r['method'] == baseline}
+  out = {}
+  for method in dict.fromkeys(r['method'] for r in runs):
+    if method == baseline:
+      continue
+    diffs = [r['metrics'][step][metric] - base[r['seed']]
+             for r in runs if r['method'] == method and r['seed'] in base]
+    if diffs:
+      out[method] = mean_std(diffs)
+  return out
+
+
+def _pm(stat: dict | None, fmt: str) -> str:
+  if stat is None:
+    return '—'
+  if stat['std'] is None:
+    return f'{stat["mean"]:{fmt}}'
+  return f'{stat["mean"]:{fmt}} ± {stat["std"]:{fmt.lstrip("+")}}'
+
+
+def markdown(results: dict) -> str:
+  """results.md: the final-checkpoint table, the paired FD and FD at every checkpoint."""
+  s, summary, runs = results['settings'], results['summary'], results['runs']
+  last = str(s['steps'])
+  seeds = ', '.join(str(x) for x in s['seeds'])
+  lines = [
+      f'# FM vs PAFM on Fashion-MNIST ({s["model"]}, batch {s["batch_size"]})', '',
+      f'{s["steps"]} training steps per run, seeds {seeds}; each checkpoint scored on '
+      f'{s["eval_samples"]} class-balanced samples of its EMA weights, {s["sampler"]} '
+      f'{s["sampler_steps"]} steps ({s["nfe"]} NFE), CFG {s["cfg_scale"]} on t ∈ '
+      f'{tuple(s["guidance_interval"])}; features {", ".join(s["fingerprints"])}. '
+      'Mean ± sample std (ddof = 1) over seeds.', '',
+      f'## At the last checkpoint (step {last})', '']
+  paired = {}
+  if 'fm' in summary:
+    paired = paired_differences(runs, 'fd', 'fm', last)
+  head = ['method'] + [m[1] for m in METRICS] + (['FD − FM, paired by seed'] if paired else [])
+  head += ['seeds', 'train s/run']
+  lines += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for method, by_step in summary.items():
+    cells = [method] + [_pm(by_step[last].get(k), fmt) for k, _, fmt in METRICS]
+    if paired:
+      cells.append(_pm(paired.get(method), '+.2f') if method != 'fm' else '0')
+    mine = [r for r in runs if r['method'] == method]
+    cells += [str(len(mine)), f'{np.mean([r["seconds"]["train"] for r in mine]):.0f}']
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  steps = list(next(iter(summary.values())))
+  lines += ['', '## FD at every checkpoint', '',
+            '| method | ' + ' | '.join(f'step {k}' for k in steps) + ' |',
+            '|' + '---|' * (len(steps) + 1)]
+  for method, by_step in summary.items():
+    lines.append(f'| {method} | ' + ' | '.join(_pm(by_step[k]['fd'], '.2f') for k in steps)
+                 + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def plot(results: dict, filename: str) -> None:
+  """FD against steps: the mean over seeds per method with a ± std band."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  for method, by_step in results['summary'].items():
+    steps = np.array([int(k) for k in by_step])
+    mean = np.array([by_step[k]['fd']['mean'] for k in by_step])
+    std = np.array([by_step[k]['fd']['std'] or 0.0 for k in by_step])
+    line, = ax.plot(steps, mean, marker='o', label=method)
+    ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+  s = results['settings']
+  ax.set_yscale('log')
+  # Plain numbers on the log axis: the FDs of a short run span less than a decade.
+  ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+  ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+  ax.set_xlabel('training step')
+  ax.set_ylabel('FD (domain-classifier features)')
+  ax.set_title(f'Fashion-MNIST, {s["model"]}: mean ± std over {len(s["seeds"])} seeds')
+  ax.grid(True, which='both', alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(filename, dpi=120)
+  plt.close(fig)
+
+
+# ------------------------------------------------------------------------------- runs
+
+
+def _json_normal(config: ml_collections.ConfigDict) -> dict:
+  """The config as JSON would give it back (tuples become lists), for comparisons."""
+  return json.loads(config.to_json_best_effort())
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)   # a kill never leaves a half-written file behind
+
+
+def _read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _first_difference(a: Any, b: Any, prefix: str = '') -> str:
+  if isinstance(a, dict) and isinstance(b, dict):
+    for k in sorted(set(a) | set(b)):
+      if a.get(k) != b.get(k):
+        return _first_difference(a.get(k), b.get(k), f'{prefix}{k}.')
+  return f'{prefix[:-1]}: saved {a!r}, now {b!r}'
+
+
+class Scorer:
+  """The evaluation shared by every run (one model, one sampler), built on first use so a
+  sweep whose runs are all finished needs neither the classifier nor a compiled sampler."""
+
+  def __init__(self, config: ml_collections.ConfigDict, log: Callable[[str], None]):
+    self.config = config
+    self.log = log
+    self._built = None
+
+  def _build(self):
+    from pafm_jax.evaluation import classifier as classifier_lib  # pylint: disable=g-import-not-at-top
+    from pafm_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
+    config = self.config
+    directory = classifier_lib.default_directory(config)
+    if config.eval.features == 'classifier' and not os.path.exists(
+        os.path.join(directory, classifier_lib.INFO_FILE)):
+      self.log(f'no domain classifier at {directory}: training it first '
+               f'({config.eval.classifier_epochs} epochs)')
+      info = classifier_lib.train(config)
+      self.log(f'domain classifier: test accuracy {info["test_accuracy"]:.4f}, fingerprint '
+               f'{info["fingerprint"]}')
+    mesh = train.validated_mesh(config)
+    setup = train.TrainSetup.create(config, mesh)
+    evaluator = runner.Evaluator(config, setup.net, mesh)
+    self._built = (evaluator, setup.sharded_abstract_state()['ema_params'])
+
+  def __call__(self, workdir: str, step: int, seed: int) -> tuple[dict, dict, str]:
+    """(metrics, seconds, feature fingerprint) of checkpoint `step` of the run in workdir."""
+    if self._built is None:
+      self._build()
+    evaluator, abstract = self._built
+    params, _ = checkpointing.restore_params(workdir, abstract,
+                                             use_ema=self.config.sample.use_ema, step=step)
+    rng = jax.random.fold_in(jax.random.key(seed), EVAL_STREAM)
+    out = evaluator.evaluate(params, rng)
+    return out['metrics'], out['seconds'], evaluator.extractor.fingerprint
+
+
+def run_one(config: ml_collections.ConfigDict, method: str, budget: Budget, workdir: str,
+            score: Callable, log: Callable[[str], None]) -> dict:
+  """Trains (or resumes) one run and scores its checkpoints; returns its result record."""
+  os.makedirs(workdir, exist_ok=True)
+  spec_path = os.path.join(workdir, 'spec.json')
+  spec = {'method': method, 'seed': int(config.seed), 'eval_steps': eval_steps(budget),
+          'config': _json_normal(config)}
+  if os.path.exists(spec_path):
+    saved = _read_json(spec_path)
+    if saved != spec:
+      raise ValueError(f'{workdir} holds a run with other settings '
+                       f'({_first_difference(saved, spec)}); use a new --workdir.')
+  else:
+    _write_json(spec_path, spec)
+  result_path = os.path.join(workdir, 'result.json')
+  if os.path.exists(result_path):
+    return _read_json(result_path)
+
+  t0 = time.time()
+  train.train_and_evaluate(config, workdir)
+  train_seconds = time.time() - t0
+  log(f'  trained {budget.steps} steps in {train_seconds:.0f} s')
+
+  evals_path = os.path.join(workdir, 'evals.json')
+  evals = _read_json(evals_path) if os.path.exists(evals_path) else {}
+  evals.setdefault('train_seconds', 0.0)
+  evals['train_seconds'] += train_seconds   # summed over resumptions
+  evals.setdefault('steps', {})
+  for step in eval_steps(budget):
+    if str(step) in evals['steps']:
+      continue
+    t1 = time.time()
+    metrics, seconds, fingerprint = score(workdir, step, int(config.seed))
+    evals['steps'][str(step)] = {'metrics': metrics, 'seconds': seconds,
+                                 'fingerprint': fingerprint}
+    _write_json(evals_path, evals)
+    log(f'  step {step}: FD {metrics["fd"]:.2f}, accuracy {metrics.get("accuracy", np.nan):.3f}, '
+        f'precision {metrics.get("precision", np.nan):.3f}, '
+        f'recall {metrics.get("recall", np.nan):.3f}, '
+        f'memorised {metrics.get("memorized_fraction", np.nan):.4f} ({time.time() - t1:.0f} s)')
+
+  done = evals['steps']
+  result = {
+      'method': method, 'seed': int(config.seed),
+      'metrics': {k: v['metrics'] for k, v in done.items()},
+      'seconds': {'train': round(evals['train_seconds'], 1),
+                  'eval': {k: v['seconds'] for k, v in done.items()}},
+      'fingerprint': sorted({v['fingerprint'] for v in done.values()}),
+  }
+  _write_json(result_path, result)
+  # Only the evaluated numbers matter now; the last checkpoint is kept for sampling.
+  ckpt_root = os.path.join(workdir, 'checkpoints')
+  for name in os.listdir(ckpt_root) if os.path.isdir(ckpt_root) else []:
+    if name.isdigit() and int(name) != budget.steps:
+      shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
+  return result
+
+
+def sweep(base: ml_collections.ConfigDict, budget: Budget, methods: list[str], workdir: str, *,
+          log: Callable[[str], None] = print, score: Callable | None = None) -> dict:
+  """Runs (or skips, when finished) every method × seed, then writes the tables and plot.
+
+  Seed-major order: a sweep stopped early still compares every method on its first seeds.
+  """
+  for m in methods:
+    method_config(base, m)   # an unknown method fails before any training
+  os.makedirs(workdir, exist_ok=True)
+  plan = [(seed, m) for seed in budget.seeds for m in methods]
+  configs = {(seed, m): run_config(base, m, seed, budget) for seed, m in plan}
+  score = score or Scorer(configs[plan[0]], log)
+  runs, spent = [], []
+  for i, (seed, method) in enumerate(plan):
+    run_dir = os.path.join(workdir, 'runs', f'{method}_seed{seed}')
+    finished = os.path.exists(os.path.join(run_dir, 'result.json'))
+    log(f'[{i + 1}/{len(plan)}] {method}, seed {seed}: '
+        f'{"finished earlier, skipped" if finished else "training"}')
+    t0 = time.time()
+    runs.append(run_one(configs[(seed, method)], method, budget, run_dir, score, log))
+    if not finished:
+      spent.append(time.time() - t0)
+      left = sum(1 for s, m in plan[i + 1:]
+                 if not os.path.exists(os.path.join(workdir, 'runs', f'{m}_seed{s}',
+                                                    'result.json')))
+      log(f'  run took {spent[-1]:.0f} s; sweep ETA {left * np.mean(spent) / 60:.1f} min '
+          f'({left} runs left)')
+
+  first = configs[plan[0]]
+  nfe = next(iter(runs[0]['metrics'].values())).get('nfe')
+  results = {
+      'settings': {**dataclasses.asdict(budget), 'methods': list(methods),
+                   'eval_steps': eval_steps(budget), 'model': first.model.name,
+                   'batch_size': int(first.global_batch_size),
+                   'learning_rate': float(first.optimizer.learning_rate),
+                   'cfg_scale': float(first.sample.cfg_scale),
+                   'guidance_interval': list(first.sample.guidance_interval),
+                   'nfe': nfe,
+                   'fingerprints': sorted({f for r in runs for f in r['fingerprint']})},
+      'runs': runs,
+      'summary': summarize(runs),
+  }
+  if 'fm' in methods:
+    results['fd_minus_fm'] = paired_differences(runs, 'fd', 'fm', str(budget.steps))
+  _write_json(os.path.join(workdir, 'results.json'), results)
+  table = markdown(results)
+  with open(os.path.join(workdir, 'results.md'), 'w') as f:
+    f.write(table)
+  plot(results, os.path.join(workdir, 'fd_vs_steps.png'))
+  log(table)
+  log(f'wrote results.md, results.json and fd_vs_steps.png to {workdir}')
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logs.quiet_library_info()
+  seeds = tuple(int(s) for s in FLAGS.seeds) if FLAGS.seeds is not None else None
+  budget = resolve_budget(FLAGS.full, steps=FLAGS.steps, eval_every=FLAGS.eval_every,
+                          eval_samples=FLAGS.eval_samples, seeds=seeds, sampler=FLAGS.sampler,
+                          sampler_steps=FLAGS.sampler_steps,
+                          memorization_max_train=FLAGS.memorization_max_train)
+  start = time.time()
+
+  def log(line: str) -> None:
+    print(f'[{(time.time() - start) / 60:5.1f} min] {line}', flush=True)
+
+  log(f'budget {budget}, methods {FLAGS.methods}')
+  sweep(_CONFIG.value, budget, FLAGS.methods, FLAGS.workdir, log=log)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,204 @@
+"""The FM-vs-PAFM sweep: method configs, checkpoint plan, aggregation against numpy, skipping
+of finished runs, resumption of an interrupted evaluation, and one tiny real run."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import fmnist_sit
+from experiments import fm_vs_pafm as exp
+from pafm_jax import train
+from pafm_jax.evaluation import classifier
+from tests.test_train import tiny_config
+
+
+def _flat(config) -> dict:
+  return train.flatten_config(config)
+
+
+def _changed(a, b) -> set[str]:
+  fa, fb = _flat(a), _flat(b)
+  return {k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)}
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def test_method_configs_are_the_base_with_their_overrides():
+  base = fmnist_sit.get_config()
+  # Written out by hand from the issue, not from exp.METHODS.
+  expected = {name: fmnist_sit.get_config() for name in exp.METHODS}
+  expected['fm'].objective.name = 'fm'
+  expected['pafm_batch'].objective.name = 'pafm'       # the default job already is this
+  expected['stablevm'].objective.name = 'stablevm'
+  strat = expected['pafm_stratified']
+  strat.objective.name = 'pafm'
+  strat.objective.pafm.sources = 'batch+retrieved'
+  strat.objective.pafm.stratified = True
+  strat.retrieval.mode = 'noisy'
+  strat.retrieval.k = 16
+  assert set(exp.METHODS) == {'fm', 'pafm_batch', 'pafm_stratified', 'stablevm'}
+  for name in exp.METHODS:
+    assert _flat(exp.method_config(base, name)) == _flat(expected[name]), name
+  assert _flat(exp.method_config(base, 'pafm_batch')) == _flat(base)
+  assert base.objective.name == 'pafm'  # the copies left the base alone
+  with pytest.raises(ValueError, match='unknown method'):
+    exp.method_config(base, 'pafm_everything')
+
+
+def test_runs_differ_only_in_method_fields_and_seed():
+  base = fmnist_sit.get_config()
+  budget = exp.REDUCED
+  fm = exp.run_config(base, 'fm', 0, budget)
+  assert _changed(fm, exp.run_config(base, 'stablevm', 0, budget)) == {'objective.name'}
+  assert _changed(fm, exp.run_config(base, 'fm', 1, budget)) == {'seed'}
+  assert _changed(fm, exp.run_config(base, 'pafm_stratified', 2, budget)) == {
+      'seed', 'objective.name', 'objective.pafm.sources', 'objective.pafm.stratified',
+      'retrieval.mode'}
+  # The budget lands where the train loop and the evaluator read it.
+  assert (fm.total_steps, fm.checkpoint_every_steps, fm.keep_checkpoints) == (600, 200, 3)
+  assert (fm.eval.num_samples, fm.sample.method, fm.sample.num_steps) == (1000, 'euler', 16)
+  assert fm.eval.every_steps == 0 and fm.model.name == base.model.name
+
+
+@pytest.mark.parametrize('steps,every,expected', [
+    (600, 200, [200, 400, 600]), (500, 200, [200, 400, 500]), (50, 100, [50]), (1, 1, [1])])
+def test_eval_steps_are_the_saved_checkpoints(steps, every, expected):
+  budget = exp.resolve_budget(False, steps=steps, eval_every=every)
+  assert exp.eval_steps(budget) == expected
+  # The loop saves at multiples of the interval and forces the last step: the same set, and
+  # keep_checkpoints keeps all of them.
+  saved = sorted({s for s in range(1, steps + 1) if s % every == 0} | {steps})
+  assert saved == expected
+  assert exp.run_config(fmnist_sit.get_config(), 'fm', 0, budget).keep_checkpoints == len(saved)
+
+
+def test_budget_presets_and_overrides():
+  assert exp.resolve_budget(False) == exp.REDUCED
+  assert exp.resolve_budget(True) == exp.FULL
+  b = exp.resolve_budget(True, steps=10, seeds=(3, 4, 5), sampler=None)
+  assert (b.steps, b.seeds, b.sampler) == (10, (3, 4, 5), exp.FULL.sampler)
+  assert len(exp.REDUCED.seeds) >= 3 and len(exp.FULL.seeds) >= 3
+  with pytest.raises(ValueError, match='distinct'):
+    exp.resolve_budget(False, seeds=(1, 1))
+
+
+# ------------------------------------------------------------ aggregation and skipping
+
+
+def _fabricate(workdir, methods, seeds, steps, rng):
+  """Writes finished runs' result.json files with random metrics; returns them."""
+  runs = {}
+  for seed in seeds:
+    for m in methods:
+      metrics = {str(s): {'fd': float(rng.uniform(10, 100)), 'accuracy': float(rng.uniform()),
+                          'precision': float(rng.uniform()), 'recall': float(rng.uniform()),
+                          'memorized_fraction': float(rng.uniform(0, 0.01)),
+                          'nn_ratio_median': float(rng.uniform(0.5, 1)), 'nfe': 16.0}
+                 for s in steps}
+      d = os.path.join(workdir, 'runs', f'{m}_seed{seed}')
+      os.makedirs(d)
+      with open(os.path.join(d, 'result.json'), 'w') as f:
+        json.dump({'method': m, 'seed': seed, 'metrics': metrics,
+                   'seconds': {'train': 100.0, 'eval': {}}, 'fingerprint': ['abc']}, f)
+      runs[(m, seed)] = metrics
+  return runs
+
+
+def _refuse(*args, **kwargs):
+  raise AssertionError('a finished run was trained or evaluated again')
+
+
+def test_finished_runs_are_skipped_and_aggregated_like_numpy(tmp_path, monkeypatch):
+  methods, seeds = ['fm', 'stablevm', 'pafm_batch'], (0, 1, 2)
+  budget = exp.resolve_budget(False, steps=40, eval_every=20, seeds=seeds)
+  runs = _fabricate(str(tmp_path), methods, seeds, ['20', '40'], np.random.default_rng(0))
+  monkeypatch.setattr(train, 'train_and_evaluate', _refuse)
+  lines = []
+  results = exp.sweep(fmnist_sit.get_config(), budget, methods, str(tmp_path),
+                      log=lines.append, score=_refuse)
+  assert sum('finished earlier, skipped' in line for line in lines) == 9
+
+  saved = json.loads((tmp_path / 'results.json').read_text())
+  assert saved['summary'] == results['summary']
+  for m in methods:
+    for step in ('20', '40'):
+      for k in ('fd', 'accuracy', 'precision', 'recall', 'memorized_fraction'):
+        x = np.array([runs[(m, s)][step][k] for s in seeds])
+        stat = saved['summary'][m][step][k]
+        assert stat['n'] == 3
+        np.testing.assert_allclose(stat['mean'], x.mean(), rtol=1e-12)
+        np.testing.assert_allclose(stat['std'], x.std(ddof=1), rtol=1e-12)
+    diff = np.array([runs[(m, s)]['40']['fd'] - runs[('fm', s)]['40']['fd'] for s in seeds])
+    if m != 'fm':
+      np.testing.assert_allclose(saved['fd_minus_fm'][m]['mean'], diff.mean(), rtol=1e-12)
+      np.testing.assert_allclose(saved['fd_minus_fm'][m]['std'], diff.std(ddof=1), rtol=1e-12)
+
+  # The table shows the final checkpoint's numbers as numpy formats them.
+  table = (tmp_path / 'results.md').read_text()
+  fd = np.array([runs[('stablevm', s)]['40']['fd'] for s in seeds])
+  row = next(l for l in table.splitlines() if l.startswith('| stablevm |'))
+  assert row.split(' | ')[1] == f'{fd.mean():.2f} ± {fd.std(ddof=1):.2f}'
+  assert 'step 20' in table and 'step 40' in table
+  assert (tmp_path / 'fd_vs_steps.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+  # Other settings in the same workdir are refused, not mixed in.
+  with pytest.raises(ValueError, match='other settings'):
+    exp.sweep(fmnist_sit.get_config(), exp.resolve_budget(False, steps=60, eval_every=20,
+                                                          seeds=seeds),
+              methods, str(tmp_path), log=lines.append, score=_refuse)
+
+
+def test_interrupted_evaluation_resumes_at_the_missing_checkpoints(tmp_path, monkeypatch):
+  budget = exp.resolve_budget(False, steps=30, eval_every=10, seeds=(7,))
+  config = exp.run_config(fmnist_sit.get_config(), 'fm', 7, budget)
+  run_dir = str(tmp_path / 'run')
+  trained = []
+  monkeypatch.setattr(train, 'train_and_evaluate', lambda c, w: trained.append(w))
+  scored = []
+
+  def score(workdir, step, seed):
+    scored.append(step)
+    if len(scored) == 2:
+      raise KeyboardInterrupt  # killed while scoring the second checkpoint
+    return {'fd': float(step)}, {'sampling': 0.0}, 'fp'
+
+  with pytest.raises(KeyboardInterrupt):
+    exp.run_one(config, 'fm', budget, run_dir, score, log=lambda _: None)
+  assert scored == [10, 20] and not os.path.exists(os.path.join(run_dir, 'result.json'))
+  result = exp.run_one(config, 'fm', budget, run_dir, score, log=lambda _: None)
+  assert scored == [10, 20, 20, 30]     # step 10 came from the cache
+  assert result['metrics'] == {'10': {'fd': 10.0}, '20': {'fd': 20.0}, '30': {'fd': 30.0}}
+  assert len(trained) == 2              # the loop itself returns at once when finished
+
+
+# ------------------------------------------------------------------------ a real run
+
+
+def test_tiny_sweep_end_to_end(fmnist_tfds_dir, tmp_path):
+  """Two methods, one seed, 2 steps: real training, checkpoints 1 and 2 scored."""
+  # The smallest model, data-parallel only: compilation is most of this test's time.
+  base = tiny_config(fmnist_tfds_dir, **{
+      'model.name': 'SiT-P/4', 'mesh.fsdp': 1,
+      'eval.classifier_dir': str(tmp_path / 'classifier'), 'eval.classifier_epochs': 1,
+      'sample.batch_size': 16, 'sample.cfg_scale': 1.0})
+  classifier.train(base, steps_per_epoch=3)
+  budget = exp.resolve_budget(False, steps=2, eval_every=1, eval_samples=20, seeds=(0,),
+                              sampler_steps=2, memorization_max_train=300)
+  results = exp.sweep(base, budget, ['fm', 'pafm_batch'], str(tmp_path / 'sweep'),
+                      log=lambda _: None)
+  for run in results['runs']:
+    assert set(run['metrics']) == {'1', '2'}
+    assert set(run['metrics']['2']) == {'fd', 'accuracy', 'precision', 'recall',
+                                        'memorized_fraction', 'nn_ratio_median', 'nfe'}
+    assert run['metrics']['2']['nfe'] == 2.0
+  # One seed fixes the initialisation and the sampling noise, and the warm-up's learning rate
+  # is 0 at the first step: after it both methods still hold the initial weights and must
+  # score identically. After the second they have trained on different targets.
+  fm, pafm = results['runs']
+  assert fm['metrics']['1'] == pafm['metrics']['1']
+  assert fm['metrics']['2']['fd'] != pafm['metrics']['2']['fd']
+  ckpts = os.listdir(tmp_path / 'sweep' / 'runs' / 'fm_seed0' / 'checkpoints')
+  assert ckpts == ['2']   # intermediate checkpoints are dropped once scored
