@@ -3,8 +3,8 @@
   python -m experiments.fm_vs_pafm --workdir=runs/fm_vs_pafm          # reduced: this 2-core CPU
   python -m experiments.fm_vs_pafm --workdir=runs/fm_vs_pafm_full --full   # GPU/TPU budget
 
-Every method trains the same model (configs/fmnist_sit.py, any --config.* override applies to
-all of them) for the same steps with the same seeds; a seed fixes the initialisation, the data
+Every method trains the same model with the same data pipeline (configs/fmnist_sit.py; any
+--config.* override applies to all of them) for the same steps with the same seeds; a seed fixes the initialisation, the data
 order and the training noise, so seed s of one method is paired with seed s of another. Each
 run is checkpointed at every --eval_every steps and at its last step, and every checkpoint's
 EMA weights are scored with the same sampler and the same sampling noise (a function of the
@@ -16,6 +16,7 @@ Writes into --workdir:
                     with FM's seed by seed, and FD at every checkpoint
   results.json      the settings, every run's raw metrics and timings, and the summary
   fd_vs_steps.png   FD against training steps, mean and a ± std band per method
+  retrieval_index/  the ScaNN index of the training set, built once for stratified PAFM
   runs/<method>_seed<s>/   each run's train workdir, plus spec.json (its config),
                     evals.json (metrics per evaluated step, cached as they come) and
                     result.json (written last: a run that has it is skipped on a re-run)
@@ -44,16 +45,17 @@ from pafm_jax import checkpointing, logs, train
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Each method is a few overrides of the shared base config. Methods that use no retrieved
-# neighbours switch retrieval off, so no method pays for a pipeline stage it ignores.
+# Each method sets every field that tells the methods apart, so a method's config does not
+# depend on which of them the base config happens to be (the default job is stratified PAFM).
+_NO_RETRIEVAL = {'objective.pafm.sources': 'batch', 'objective.pafm.stratified': False,
+                 'retrieval.mode': 'none'}
 METHODS: dict[str, dict[str, Any]] = {
-    'fm': {'objective.name': 'fm', 'retrieval.mode': 'none'},
-    'pafm_batch': {'objective.name': 'pafm', 'objective.pafm.sources': 'batch',
-                   'retrieval.mode': 'none'},
+    'fm': {'objective.name': 'fm', **_NO_RETRIEVAL},
+    'pafm_batch': {'objective.name': 'pafm', **_NO_RETRIEVAL},
     'pafm_stratified': {'objective.name': 'pafm', 'objective.pafm.sources': 'batch+retrieved',
                         'objective.pafm.stratified': True, 'retrieval.mode': 'noisy',
                         'retrieval.k': 16},
-    'stablevm': {'objective.name': 'stablevm', 'retrieval.mode': 'none'},
+    'stablevm': {'objective.name': 'stablevm', **_NO_RETRIEVAL},
 }
 
 # (key in the metrics, column title, format, better) for the tables.
@@ -410,6 +412,10 @@ def sweep(base: ml_collections.ConfigDict, budget: Budget, methods: list[str], w
   for m in methods:
     method_config(base, m)   # an unknown method fails before any training
   os.makedirs(workdir, exist_ok=True)
+  if not base.retrieval.index_dir:
+    # One retrieval index for the whole sweep: it depends on the data, not on the run.
+    base = base.copy_and_resolve_references()
+    base.retrieval.index_dir = os.path.join(os.path.abspath(workdir), 'retrieval_index')
   plan = [(seed, m) for seed in budget.seeds for m in methods]
   configs = {(seed, m): run_config(base, m, seed, budget) for seed, m in plan}
   score = score or Scorer(configs[plan[0]], log)

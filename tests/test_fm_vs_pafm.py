@@ -28,11 +28,14 @@ def _changed(a, b) -> set[str]:
 
 def test_method_configs_are_the_base_with_their_overrides():
   base = fmnist_sit.get_config()
-  # Written out by hand from the issue, not from exp.METHODS.
+  # Written out by hand from the issue and README, not from exp.METHODS.
   expected = {name: fmnist_sit.get_config() for name in exp.METHODS}
-  expected['fm'].objective.name = 'fm'
-  expected['pafm_batch'].objective.name = 'pafm'       # the default job already is this
-  expected['stablevm'].objective.name = 'stablevm'
+  for name, objective in (('fm', 'fm'), ('pafm_batch', 'pafm'), ('stablevm', 'stablevm')):
+    c = expected[name]
+    c.objective.name = objective
+    c.objective.pafm.sources = 'batch'
+    c.objective.pafm.stratified = False
+    c.retrieval.mode = 'none'
   strat = expected['pafm_stratified']
   strat.objective.name = 'pafm'
   strat.objective.pafm.sources = 'batch+retrieved'
@@ -42,8 +45,12 @@ def test_method_configs_are_the_base_with_their_overrides():
   assert set(exp.METHODS) == {'fm', 'pafm_batch', 'pafm_stratified', 'stablevm'}
   for name in exp.METHODS:
     assert _flat(exp.method_config(base, name)) == _flat(expected[name]), name
-  assert _flat(exp.method_config(base, 'pafm_batch')) == _flat(base)
-  assert base.objective.name == 'pafm'  # the copies left the base alone
+  # The default job is stratified PAFM: that method leaves it as it is.
+  assert _flat(exp.method_config(base, 'pafm_stratified')) == _flat(base)
+  # Whatever method the base config is, a method's config is the same.
+  other = exp.method_config(base, 'stablevm')
+  for name in exp.METHODS:
+    assert _flat(exp.method_config(other, name)) == _flat(expected[name]), name
   with pytest.raises(ValueError, match='unknown method'):
     exp.method_config(base, 'pafm_everything')
 
@@ -53,13 +60,16 @@ def test_runs_differ_only_in_method_fields_and_seed():
   budget = exp.REDUCED
   fm = exp.run_config(base, 'fm', 0, budget)
   assert _changed(fm, exp.run_config(base, 'stablevm', 0, budget)) == {'objective.name'}
+  assert _changed(fm, exp.run_config(base, 'pafm_batch', 0, budget)) == {'objective.name'}
   assert _changed(fm, exp.run_config(base, 'fm', 1, budget)) == {'seed'}
   assert _changed(fm, exp.run_config(base, 'pafm_stratified', 2, budget)) == {
       'seed', 'objective.name', 'objective.pafm.sources', 'objective.pafm.stratified',
       'retrieval.mode'}
   # The budget lands where the train loop and the evaluator read it.
-  assert (fm.total_steps, fm.checkpoint_every_steps, fm.keep_checkpoints) == (600, 200, 3)
-  assert (fm.eval.num_samples, fm.sample.method, fm.sample.num_steps) == (1000, 'euler', 16)
+  assert (fm.total_steps, fm.checkpoint_every_steps, fm.keep_checkpoints) == (
+      budget.steps, budget.eval_every, len(exp.eval_steps(budget)))
+  assert (fm.eval.num_samples, fm.sample.method, fm.sample.num_steps) == (
+      budget.eval_samples, budget.sampler, budget.sampler_steps)
   assert fm.eval.every_steps == 0 and fm.model.name == base.model.name
 
 
@@ -178,16 +188,17 @@ def test_interrupted_evaluation_resumes_at_the_missing_checkpoints(tmp_path, mon
 
 
 def test_tiny_sweep_end_to_end(fmnist_tfds_dir, tmp_path):
-  """Two methods, one seed, 2 steps: real training, checkpoints 1 and 2 scored."""
+  """FM and stratified PAFM (exact retrieval), one seed, 2 steps: real training,
+  checkpoints 1 and 2 scored."""
   # The smallest model, data-parallel only: compilation is most of this test's time.
   base = tiny_config(fmnist_tfds_dir, **{
-      'model.name': 'SiT-P/4', 'mesh.fsdp': 1,
+      'model.name': 'SiT-P/4', 'mesh.fsdp': 1, 'retrieval.backend': 'exact',
       'eval.classifier_dir': str(tmp_path / 'classifier'), 'eval.classifier_epochs': 1,
       'sample.batch_size': 16, 'sample.cfg_scale': 1.0})
   classifier.train(base, steps_per_epoch=3)
   budget = exp.resolve_budget(False, steps=2, eval_every=1, eval_samples=20, seeds=(0,),
                               sampler_steps=2, memorization_max_train=300)
-  results = exp.sweep(base, budget, ['fm', 'pafm_batch'], str(tmp_path / 'sweep'),
+  results = exp.sweep(base, budget, ['fm', 'pafm_stratified'], str(tmp_path / 'sweep'),
                       log=lambda _: None)
   for run in results['runs']:
     assert set(run['metrics']) == {'1', '2'}
@@ -202,3 +213,7 @@ def test_tiny_sweep_end_to_end(fmnist_tfds_dir, tmp_path):
   assert fm['metrics']['2']['fd'] != pafm['metrics']['2']['fd']
   ckpts = os.listdir(tmp_path / 'sweep' / 'runs' / 'fm_seed0' / 'checkpoints')
   assert ckpts == ['2']   # intermediate checkpoints are dropped once scored
+  # The sweep's one shared retrieval index, not one per run.
+  assert os.path.isdir(tmp_path / 'sweep' / 'retrieval_index')
+  assert not os.path.exists(tmp_path / 'sweep' / 'runs' / 'pafm_stratified_seed0' /
+                            'retrieval_index')
