@@ -21,6 +21,7 @@ from pafm_jax.retrieval import dataset_index, stage
 from pafm_jax.retrieval import index as index_lib
 from pafm_jax.retrieval import keys as keys_lib
 from pafm_jax import train
+from tests.test_train import apply_overrides
 
 K = 16
 
@@ -32,13 +33,7 @@ def retrieval_config(tfds_dir, **overrides):
   c.objective.pafm.stratified = True
   c.retrieval.mode = 'noisy'
   c.retrieval.k = K
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return apply_overrides(c, overrides)
 
 
 @pytest.fixture(scope='module')

@@ -33,6 +33,11 @@ def tiny_config(tfds_dir: str, **overrides) -> ml_collections.ConfigDict:
   c.objective.pafm.stratified = False
   c.retrieval.mode = 'none'
   c.data.worker_count = 0
+  return apply_overrides(c, overrides)
+
+
+def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """Sets each {'a.b.c': value} of `overrides` in `c` (in place) and returns `c`."""
   for k, v in overrides.items():
     node = c
     *parents, leaf = k.split('.')
