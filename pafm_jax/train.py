@@ -553,4 +553,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     manager.close()
     writer.flush()
     writer.close()
+    # Stops Grain's worker processes (the retrieval stage's among them) with the loop, also
+    # when it raised or was interrupted, instead of leaving them to outlive it.
+    data_iter.close()
   return {'state': state, 'metrics': last}
