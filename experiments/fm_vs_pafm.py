@@ -4,12 +4,13 @@
   python -m experiments.fm_vs_pafm --workdir=runs/fm_vs_pafm_full --full   # GPU/TPU budget
 
 Every method trains the same model with the same data pipeline (configs/fmnist_sit.py; any
---config.* override applies to all of them) for the same steps with the same seeds; a seed fixes the initialisation, the data
-order and the training noise, so seed s of one method is paired with seed s of another. Each
-run is checkpointed at every --eval_every steps and at its last step, and every checkpoint's
-EMA weights are scored with the same sampler and the same sampling noise (a function of the
-seed only): FD in the domain classifier's features, conditional accuracy, k-NN precision and
-recall, and memorisation (pafm_jax/evaluation/runner.py).
+--config.* override applies to all of them) for the same steps with the same seeds; a seed
+fixes the initialisation, the data order and the training noise, so seed s of one method is
+paired with seed s of another. Each run is checkpointed at every --eval_every steps and at
+its last step, and every checkpoint's EMA weights are scored with the same sampler and the
+same sampling noise (a function of the seed only): FD in the domain classifier's features,
+conditional accuracy, k-NN precision and recall, and memorisation
+(pafm_jax/evaluation/runner.py).
 
 Writes into --workdir:
   results.md        mean ± std over seeds per method at the last checkpoint, the FD paired
@@ -97,22 +98,27 @@ FULL = Budget(steps=20_000, eval_every=2_000, eval_samples=10_000, seeds=(0, 1, 
               sampler='heun', sampler_steps=32, memorization_max_train=0)
 
 FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', os.path.join(_REPO, 'configs', 'fmnist_sit.py'),
-    'The base config every method starts from (its --config.* overrides apply to all).')
-flags.DEFINE_string('workdir', None, 'Where the runs, tables and plot go.')
-flags.DEFINE_list('methods', list(METHODS), f'Methods to compare, of {list(METHODS)}.')
-flags.DEFINE_bool('full', False, 'The accelerator budget (FULL) instead of the reduced CPU one '
-                  '(REDUCED); the flags below override either.')
-flags.DEFINE_integer('steps', None, 'Training steps per run.')
-flags.DEFINE_integer('eval_every', None, 'Evaluate every so many steps (and at the last).')
-flags.DEFINE_integer('eval_samples', None, 'Samples per evaluation.')
-flags.DEFINE_list('seeds', None, 'Seeds (config.seed), e.g. 0,1,2.')
-flags.DEFINE_string('sampler', None, 'config.sample.method of every evaluation.')
-flags.DEFINE_integer('sampler_steps', None, 'config.sample.num_steps of every evaluation.')
-flags.DEFINE_integer('memorization_max_train', None,
-                     'Training images searched by the memorisation metric (0: all).')
-flags.mark_flags_as_required(['workdir'])
+
+
+def _define_flags() -> None:
+  """The command line's flags, defined only when this file runs as a program: the tests
+  import it next to other modules that define --config and --workdir."""
+  config_flags.DEFINE_config_file(
+      'config', os.path.join(_REPO, 'configs', 'fmnist_sit.py'),
+      'The base config every method starts from (its --config.* overrides apply to all).')
+  flags.DEFINE_string('workdir', None, 'Where the runs, tables and plot go.')
+  flags.DEFINE_list('methods', list(METHODS), f'Methods to compare, of {list(METHODS)}.')
+  flags.DEFINE_bool('full', False, 'The accelerator budget (FULL) instead of the reduced CPU one '
+                    '(REDUCED); the flags below override either.')
+  flags.DEFINE_integer('steps', None, 'Training steps per run.')
+  flags.DEFINE_integer('eval_every', None, 'Evaluate every so many steps (and at the last).')
+  flags.DEFINE_integer('eval_samples', None, 'Samples per evaluation.')
+  flags.DEFINE_list('seeds', None, 'Seeds (config.seed), e.g. 0,1,2.')
+  flags.DEFINE_string('sampler', None, 'config.sample.method of every evaluation.')
+  flags.DEFINE_integer('sampler_steps', None, 'config.sample.num_steps of every evaluation.')
+  flags.DEFINE_integer('memorization_max_train', None,
+                       'Training images searched by the memorisation metric (0: all).')
+  flags.mark_flags_as_required(['workdir'])
 
 
 # ----------------------------------------------------------------------------- configs
@@ -479,8 +485,9 @@ def main(argv):
     print(f'[{(time.time() - start) / 60:5.1f} min] {line}', flush=True)
 
   log(f'budget {budget}, methods {FLAGS.methods}')
-  sweep(_CONFIG.value, budget, FLAGS.methods, FLAGS.workdir, log=log)
+  sweep(FLAGS.config, budget, FLAGS.methods, FLAGS.workdir, log=log)
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

@@ -165,7 +165,7 @@ def test_moved_index_gives_the_same_results(built, fmnist, tmp_path):
     f.write(text)
   meta_path = os.path.join(moved, index_lib.METADATA)
   meta = json.load(open(meta_path))
-  meta['files']['part_0/scann/scann_assets.pbtxt'] = index_lib._sha256(assets)  # pylint: disable=protected-access
+  meta['files']['part_0/scann/scann_assets.pbtxt'] = index_lib.sha256_file(assets)
   json.dump(meta, open(meta_path, 'w'))
   after = index_lib.NeighbourIndex.load(moved).search(queries, labels[:64], K)
   np.testing.assert_array_equal(after, before)

@@ -284,6 +284,17 @@ class _ReadBatch:
     return {"image": images, "label": labels, "id": ids}
 
 
+def batch_reader(source, image_shape: tuple[int, int, int] | None):
+  """int64 ids [n] → {'image': float32 [n, H, W, C] in [-1, 1], 'label', 'id'}: how every
+  pipeline reads and preprocesses examples (picklable, so workers can use it)."""
+  return _ReadBatch(source, image_shape)
+
+
+def sample_shape(data_config: Any) -> tuple[int, int, int] | None:
+  """(image_size, image_size, channels) of config.data, or None when unset."""
+  return _image_shape(data_config)
+
+
 def _image_shape(data_config: Any) -> tuple[int, int, int] | None:
   size, ch = _get(data_config, "image_size"), _get(data_config, "channels")
   if size is None or ch is None:

@@ -203,7 +203,7 @@ class ScannSearcher:
 # ------------------------------------------------------------------------------ the index
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
   h = hashlib.sha256()
   with open(path, 'rb') as f:
     for chunk in iter(lambda: f.read(1 << 22), b''):
@@ -252,8 +252,9 @@ class NeighbourIndex:
     """The precomputed k nearest other items of each dataset id: int64 [n, k]."""
     if self.clean is None or self.clean.shape[1] < k:
       have = 0 if self.clean is None else self.clean.shape[1]
-      raise RetrievalIndexError(f'the index at {self.directory} precomputed {have} clean neighbours '
-                        f'per item, fewer than config.retrieval.k={k}; rebuild it.')
+      raise RetrievalIndexError(
+          f'the index at {self.directory} precomputed {have} clean neighbours per item, fewer '
+          f'than config.retrieval.k={k}; rebuild it.')
     return self.clean[np.asarray(ids)][:, :k].astype(np.int64)
 
   def set_threads(self, threads: int) -> None:
@@ -272,11 +273,12 @@ class NeighbourIndex:
       for rel, digest in metadata['files'].items():
         path = os.path.join(directory, rel)
         if not os.path.isfile(path):
-          raise RetrievalIndexError(f'index file {path} is missing (listed in {meta_path}); rebuild '
-                            'the index.')
-        if _sha256(path) != digest:
-          raise RetrievalIndexError(f'index file {path} is corrupted (its sha256 differs from the one '
-                            f'recorded in {meta_path}); rebuild the index.')
+          raise RetrievalIndexError(
+              f'index file {path} is missing (listed in {meta_path}); rebuild the index.')
+        if sha256_file(path) != digest:
+          raise RetrievalIndexError(
+              f'index file {path} is corrupted (its sha256 differs from the one recorded in '
+              f'{meta_path}); rebuild the index.')
     partitions = []
     for c in range(metadata['num_partitions']):
       part = os.path.join(directory, f'part_{c}')
@@ -372,7 +374,7 @@ def build(directory: str, keys: np.ndarray, labels: np.ndarray | None, *, backen
     for root, _, names in os.walk(tmp):
       for name in sorted(names):
         path = os.path.join(root, name)
-        files[os.path.relpath(path, tmp)] = _sha256(path)
+        files[os.path.relpath(path, tmp)] = sha256_file(path)
     metadata = {
         'format': FORMAT_VERSION, 'backend': backend, 'num_items': n,
         'num_partitions': len(part_ids), 'partition_sizes': sizes, 'key_dim': keys.shape[1],

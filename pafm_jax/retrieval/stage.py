@@ -27,6 +27,7 @@ import threading
 import grain
 import numpy as np
 
+from pafm_jax.data import pipeline
 from pafm_jax.retrieval import index as index_lib
 from pafm_jax.retrieval import keys as keys_lib
 
@@ -72,7 +73,7 @@ class NeighbourStage(grain.transforms.MapWithIndex):
                        f'{mode!r}.')
     self._index = index
     self._directory = index.directory
-    self._read = _reader(source, image_shape)
+    self._read = pipeline.batch_reader(source, image_shape)
     self.mode, self.k, self.key = mode, k, key
     self.seed, self.path_name, self.t_sampling = seed, path_name, t_sampling
     self.row_offset = row_offset  # this process's first row in the global batch
@@ -127,6 +128,3 @@ class NeighbourStage(grain.transforms.MapWithIndex):
     return out
 
 
-def _reader(source, image_shape):
-  from pafm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  return pipeline._ReadBatch(source, image_shape)  # pylint: disable=protected-access
