@@ -438,7 +438,7 @@ def neighbour_stage(config: ml_collections.ConfigDict, workdir: str):
                     "use (only t and ε from the pipeline are); set config.retrieval.mode='none' "
                     'to save the retrieval work.', config.retrieval.mode, config.objective.name)
   index = dataset_index.ensure(config, workdir)
-  shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  shape = pipeline.sample_shape(config.data)
 
   def factory(source, first_row):
     return retrieval_stage.NeighbourStage(
