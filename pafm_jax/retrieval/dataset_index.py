@@ -138,12 +138,15 @@ def read_keys(config: ml_collections.ConfigDict, source) -> tuple[np.ndarray, np
   return keys, labels
 
 
-def build(config: ml_collections.ConfigDict, workdir: str, *,
-          overwrite: bool = True) -> index_lib.NeighbourIndex:
-  """Builds the config's index into index_directory(config, workdir)."""
+def build(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = True,
+          source=None, expected: dict[str, Any] | None = None) -> index_lib.NeighbourIndex:
+  """Builds the config's index into index_directory(config, workdir); `source` and its
+  `expected` metadata are computed when not given."""
   check_retrieval_config(config)
-  source = pipeline.load_source(config.data, config.data.get('split', 'train'))
-  expected = expected_metadata(config, source)
+  if source is None:
+    source = pipeline.load_source(config.data, config.data.get('split', 'train'))
+  if expected is None:
+    expected = expected_metadata(config, source)
   keys, labels = read_keys(config, source)
   partitions = expected['partition']['num_classes']
   if partitions > 1 and (labels.min() < 0 or labels.max() >= partitions):
@@ -169,6 +172,7 @@ def ensure(config: ml_collections.ConfigDict, workdir: str, source=None, *,
   if source is None:
     source = pipeline.load_source(config.data, config.data.get('split', 'train'))
   expected = expected_metadata(config, source)
+  built = None
   if not os.path.exists(os.path.join(directory, index_lib.METADATA)):
     if not config.retrieval.auto_build:
       raise index_lib.RetrievalIndexError(
@@ -177,9 +181,12 @@ def ensure(config: ml_collections.ConfigDict, workdir: str, source=None, *,
           'to an existing index.')
     logging.info('no retrieval index at %s: building it now (config.retrieval.auto_build).',
                  directory)
-    build(config, workdir, overwrite=True)
+    built = build(config, workdir, overwrite=True, source=source, expected=expected)
   metadata = check(config, directory, expected, config_hint=config_hint, workdir=workdir)
   logging.info('retrieval index %s: backend %s, %d items, %d partition(s), key %s', directory,
                metadata['backend'], metadata['num_items'], metadata['num_partitions'],
                metadata['key'])
+  # An index found on disk is verified file by file; one just built here is already loaded.
+  if built is not None:
+    return built
   return index_lib.NeighbourIndex.load(directory, verify=True)
