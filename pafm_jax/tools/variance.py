@@ -100,12 +100,16 @@ def scann_index(images, labels, num_classes: int, directory: str):
 
 
 def measure(config, times, *, num_batches: int, batch_size: int, seed: int,
-            bank_capacity: int = 256, index=None) -> dict:
+            bank_capacity: int = 256, scann_dir: str | None = None) -> dict:
   """{'t': [...], estimator: [mean ‖target − u*‖² per t]} on the config's training data.
 
-  `index` (a retrieval NeighbourIndex over flattened images) replaces exact kNN when given.
+  With `scann_dir`, a ScaNN index over the flattened images is built there and replaces exact
+  kNN.
   """
   images, labels = pipeline.load_arrays(config.data)
+  index = None
+  if scann_dir is not None:
+    index = scann_index(images, labels, config.data.num_classes, scann_dir)
   path = paths.get_path(config.objective.path)
   null = config.data.num_classes
   class_index = {c: np.flatnonzero(labels == c) for c in range(config.data.num_classes)}
@@ -209,13 +213,11 @@ def main(argv):
                          f'for Fashion-MNIST, not {config.data.name!r}.')
   os.makedirs(_WORKDIR.value, exist_ok=True)
   start = time.time()
-  index = None
+  scann_dir = None
   if _BACKEND.value == 'scann':
-    images, labels = pipeline.load_arrays(config.data)
-    index = scann_index(images, labels, config.data.num_classes,
-                        os.path.join(_WORKDIR.value, 'variance_index'))
+    scann_dir = os.path.join(_WORKDIR.value, 'variance_index')
   result = measure(config, times, num_batches=_BATCHES.value, batch_size=_BATCH.value,
-                   seed=_SEED.value, index=index)
+                   seed=_SEED.value, scann_dir=scann_dir)
   result['backend'] = _BACKEND.value
   table = markdown_table(result)
   print(table)
