@@ -7,7 +7,7 @@ WORKDIR ?= runs/fmnist_sit
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: train test venv dataset clean-venv
+.PHONY: train test test-fast venv dataset clean-venv
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ train: venv dataset
 
 test: venv dataset
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# The inner loop: every test not marked slow (under 3 minutes on a 2-core machine).
+test-fast: venv dataset
+	$(PY) -m pytest -q tests -m "not slow" $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -5,8 +5,7 @@ import statistics
 import time
 
 import jax
-
-from pafm_jax import sharding, train
+from pafm_jax import sharding, train, train_state
 
 
 def step_flops(config) -> float:
@@ -17,7 +16,7 @@ def step_flops(config) -> float:
   analysis of the lowered program.
   """
   mesh = sharding.create_mesh({'data': 1, 'fsdp': 1}, jax.devices('cpu')[:1])
-  return float(train.TrainSetup.create(config, mesh).lower_step().cost_analysis()['flops'])
+  return float(train.lower_step(train_state.TrainSetup.create(config, mesh)).cost_analysis()['flops'])
 
 
 def step_cost(config, compiled) -> dict[str, float]:
@@ -34,8 +33,8 @@ def step_cost(config, compiled) -> dict[str, float]:
 
 def prepare_run(config, mesh, local_batch: dict) -> dict:
   """Compiles the config's step, initialises its state and runs one warm-up step."""
-  setup = train.TrainSetup.create(config, mesh)
-  compiled = setup.compile_step()
+  setup = train_state.TrainSetup.create(config, mesh)
+  compiled = train.compile_step(setup)
   batch = train.to_global_batch(local_batch, setup.batch_spec, mesh)
   state, metrics = compiled(setup.init(), batch)
   jax.block_until_ready(metrics)

@@ -23,7 +23,7 @@ from ml_collections import config_flags
 
 from benchmarks import common
 from configs import sit_b2, sit_xl2
-from pafm_jax import sharding, train
+from pafm_jax import config_checks, sharding, train, train_state
 from pafm_jax.data import pipeline
 
 config_flags.DEFINE_config_file('config', 'configs/fmnist_sit.py', 'Config of the timed part.')
@@ -82,7 +82,7 @@ def compiled_ratio(base, k: int) -> dict[str, float]:
   costs = {}
   for objective in ('fm', 'pafm'):
     config = variant(base, objective, k)
-    compiled = train.TrainSetup.create(config, mesh).compile_step()
+    compiled = train.compile_step(train_state.TrainSetup.create(config, mesh))
     costs[objective] = common.step_cost(config, compiled)
   return {key: costs['pafm'][key] / costs['fm'][key] for key in costs['fm']} | {
       'fm_flops': costs['fm']['flops'], 'fm_bytes': costs['fm']['bytes']}
@@ -90,7 +90,7 @@ def compiled_ratio(base, k: int) -> dict[str, float]:
 
 def main(_):
   base, k = FLAGS.config, FLAGS.neighbours
-  mesh = train.validated_mesh(base)
+  mesh = config_checks.validated_mesh(base)
   batch = synthetic_batch(base, k) if FLAGS.synthetic else fmnist_batch(base, k)
   runs = {}
   for objective in ('fm', 'pafm'):

@@ -46,8 +46,9 @@ import time
 
 from absl import app, flags, logging
 import numpy as np
-
 from pafm_jax.retrieval import index as index_lib
+from pafm_jax.retrieval import stage as retrieval_stage
+from pafm_jax import config_checks, train_state
 from pafm_jax.retrieval import keys as keys_lib
 
 FLAGS = flags.FLAGS
@@ -355,15 +356,15 @@ def part_b() -> dict:
         f'{workdir}; {os.cpu_count()} CPU cores, {jax.device_count()} x '
         f'{jax.devices()[0].device_kind}', flush=True)
   t0 = time.perf_counter()
-  stage = train.neighbour_stage(config, workdir)  # builds the index when missing
+  stage = retrieval_stage.stage_factory(config, workdir)[0]  # builds the index when missing
   index_dir = dataset_index.index_directory(config, workdir)
   meta = index_lib.read_metadata(index_dir)
   print(f'  index ready in {time.perf_counter() - t0:.1f} s (build {meta["build_seconds"]} s, '
         f'{meta["num_items"]:,} items, {meta["num_partitions"]} partitions, ScaNN '
         f'{meta["scann"][0]})', flush=True)
-  mesh = train.validated_mesh(config)
-  setup = train.TrainSetup.create(config, mesh)
-  compiled = setup.compile_step()
+  mesh = config_checks.validated_mesh(config)
+  setup = train_state.TrainSetup.create(config, mesh)
+  compiled = train.compile_step(setup)
   state = setup.init()
 
   def to_batch(local):

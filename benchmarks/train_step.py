@@ -14,7 +14,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from benchmarks import common
-from pafm_jax import train
+from pafm_jax import config_checks
 
 config_flags.DEFINE_config_file('config', 'configs/fmnist_sit.py', 'Config to benchmark.')
 flags.DEFINE_integer('rounds', 5, 'Alternating timing rounds.')
@@ -32,7 +32,7 @@ VARIANTS = {
 
 def main(_):
   base = FLAGS.config
-  mesh = train.validated_mesh(base)
+  mesh = config_checks.validated_mesh(base)
   rng = np.random.default_rng(0)
   b, s, c = base.global_batch_size, base.data.image_size, base.data.channels
   batch = {'image': rng.uniform(-1, 1, (b, s, s, c)).astype(np.float32),

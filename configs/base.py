@@ -95,6 +95,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.num_classes = 10
   c.data.worker_count = 0        # Grain worker processes (0 = in the main process)
   c.data.prefetch_buffer_size = 2
+  c.data.read_threads = 2        # threads reading batches in each process
+  c.data.shuffle_seed = -1       # seed of the example order; -1 = config.seed
 
   # Sampling (pafm_jax/sampling; README "Sampling"): sample grids during training, --mode=sample
   # and the samples of --mode=eval.

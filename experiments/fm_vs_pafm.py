@@ -41,8 +41,8 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
+from pafm_jax import checkpointing, config_checks, logs, train, train_state
 
-from pafm_jax import checkpointing, logs, train
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -337,8 +337,8 @@ class Scorer:
       info = classifier_lib.train(config)
       self.log(f'domain classifier: test accuracy {info["test_accuracy"]:.4f}, fingerprint '
                f'{info["fingerprint"]}')
-    mesh = train.validated_mesh(config)
-    setup = train.TrainSetup.create(config, mesh)
+    mesh = config_checks.validated_mesh(config)
+    setup = train_state.TrainSetup.create(config, mesh)
     evaluator = runner.Evaluator(config, setup.net, mesh)
     self._built = (evaluator, setup.sharded_abstract_state()['ema_params'])
 

@@ -44,7 +44,8 @@ def create_manager(workdir: str, *, save_every: int, max_to_keep: int,
       workdir_path(workdir) / 'checkpoints',
       options=options,
       item_handlers={'state': ocp.StandardCheckpointHandler(),
-                     'data': grain.checkpoint.CheckpointHandler()},
+                     'data': grain.checkpoint.CheckpointHandler(),
+                     'inputs': ocp.JsonCheckpointHandler()},
   )
 
 
@@ -55,11 +56,34 @@ def workdir_path(workdir: str) -> epath.Path:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
-         *, force: bool = False) -> bool:
-  """Saves state and iterator at `step` if the interval says so (or `force`)."""
-  return manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      data=grain.checkpoint.CheckpointSave(data_iterator)), force=force)
+         *, inputs: dict | None = None, force: bool = False) -> bool:
+  """Saves state and iterator at `step` if the interval says so (or `force`), with `inputs`
+  (a JSON dict naming what else the run's numbers depend on, see `check_inputs`)."""
+  args = {'state': ocp.args.StandardSave(state),
+          'data': grain.checkpoint.CheckpointSave(data_iterator)}
+  if inputs is not None:
+    args['inputs'] = ocp.args.JsonSave(inputs)
+  return manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+
+def check_inputs(manager: ocp.CheckpointManager, step: int, inputs: dict) -> None:
+  """Raises ValueError when checkpoint `step` was trained on other inputs than `inputs`.
+
+  Inputs are what a resumed run's numbers depend on beyond the config and the checkpoint
+  itself, e.g. the content hash of the retrieval index: a run resumed (or continued on
+  another host) with a different index would silently train on other neighbours.
+  """
+  if not (epath.Path(manager.directory) / str(step) / 'inputs').exists():
+    return  # written before inputs were recorded, or imported
+  saved = manager.restore(step, args=ocp.args.Composite(inputs=ocp.args.JsonRestore()))['inputs']
+  diffs = [f'{k}: checkpoint {saved[k]!r}, now {inputs.get(k)!r}' for k in sorted(saved)
+           if saved[k] != inputs.get(k)]
+  if diffs:
+    raise ValueError(
+        f'checkpoint {step} in {manager.directory} was trained with other inputs than this run '
+        f'has ({"; ".join(diffs)}). Resuming would not continue the run exactly: restore the '
+        'original inputs (for a retrieval index, copy the one the run started with to '
+        'config.retrieval.index_dir), or train into a new --workdir.')
 
 
 def has_data_state(manager: ocp.CheckpointManager, step: int) -> bool:

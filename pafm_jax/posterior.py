@@ -169,7 +169,7 @@ def velocity_of_mean(x_t: jax.Array, t: jax.Array, x0_mean: jax.Array, path) -> 
   """a_t·x_t + b_t·x̄0: the mixture Σ_j w_j·v(x_t | x0_j) written through its posterior mean."""
   _, _, a, b = _coefficients(path, t)
   x_t = x_t.astype(jnp.float32)
-  return paths._bcast(a, x_t) * x_t + paths._bcast(b, x_t) * x0_mean
+  return paths.bcast(a, x_t) * x_t + paths.bcast(b, x_t) * x0_mean
 
 
 def mixture_velocity(x_t: jax.Array, t: jax.Array, cand_x0: jax.Array, weights: jax.Array,
@@ -188,4 +188,4 @@ def target_from_own_endpoint(path, x0: jax.Array, eps: jax.Array, t: jax.Array,
   """
   _, _, _, b = _coefficients(path, t)
   fm = paths.conditional_velocity(path, x0.astype(jnp.float32), eps.astype(jnp.float32), t)
-  return fm + paths._bcast(b, fm) * (x0_mean - x0.astype(jnp.float32))
+  return fm + paths.bcast(b, fm) * (x0_mean - x0.astype(jnp.float32))

@@ -50,6 +50,20 @@ def mesh_shape(requested: dict[str, int] | Sequence[int], num_devices: int) -> t
   return tuple(sizes)
 
 
+def check_config(config, num_devices: int, process_count: int) -> tuple[int, ...]:
+  """config.mesh against the devices, and the global batch against the mesh and the processes;
+  returns the resolved mesh shape."""
+  shape = mesh_shape(dict(config.mesh), num_devices)
+  shards = math.prod(shape)
+  if config.global_batch_size % shards:
+    raise ValueError(f'config.global_batch_size={config.global_batch_size} is not divisible by '
+                     f'the {shards} batch shards of mesh {dict(zip(MESH_AXES, shape))}.')
+  if config.global_batch_size % process_count:
+    raise ValueError(f'config.global_batch_size={config.global_batch_size} is not divisible by '
+                     f'the {process_count} processes.')
+  return shape
+
+
 def create_mesh(requested: dict[str, int] | Sequence[int],
                 devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A ('data', 'fsdp') mesh over `devices` (default: all devices of all processes).

@@ -15,6 +15,11 @@ import pytest  # noqa: E402
 flags.FLAGS.mark_as_parsed()
 
 
+def pytest_configure(config):
+  config.addinivalue_line(
+      'markers', 'slow: trains, builds an index or spawns processes; left out of make test-fast')
+
+
 @pytest.fixture(scope='session')
 def fmnist_tfds_dir(tmp_path_factory):
   """tfds data_dir holding the prepared `fashion_mnist_idx` dataset (built once, ~6 s).

@@ -23,8 +23,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from pafm_jax import checkpointing, config_checks, convert, sampling, torch_io, train, train_state
+from pafm_jax.models import network
 
-from pafm_jax import checkpointing, convert, sampling, torch_io, train
 from pafm_jax.models.sit import SiT
 from pafm_jax.tools import import_torch
 from tests.test_train import tiny_config
@@ -377,7 +378,7 @@ def test_released_xl2_layouts_fit_configs_sit_xl2(upstream, source):
   with open(os.path.join(FIXTURES, 'upstream_xl2_shapes.json')) as f:
     shapes = json.load(f)[upstream]
   sd = {k: types.SimpleNamespace(shape=tuple(v)) for k, v in shapes.items()}
-  target = train.build_network(sit_xl2.get_config()).abstract_params
+  target = network.build_network(sit_xl2.get_config()).abstract_params
   assert convert.resolve_source(sd, target, 'auto') == source
   learn_sigma = convert.check_sit_state_dict(sd, target, (16, 16))
   assert learn_sigma == (source == 'sit')
@@ -443,7 +444,7 @@ def test_import_finetune_sample_end_to_end(fmnist_tfds_dir, tmp_path, ref):
                                                                        imported['params']))
 
   # Sample from the restored EMA with the library's sampler (label 10 = null).
-  net = train.build_network(config)
+  net = network.build_network(config)
   draw = jax.jit(lambda params, rng: sampling.sample(
       functools.partial(net.apply, params), rng, jnp.array([0, 4, 10]), (28, 28, 1),
       method='euler', num_steps=2))
@@ -488,7 +489,7 @@ def test_import_carries_the_objectives_state(tmp_path):
   config = p4_config('/nonexistent', **{'objective.name': 'stablevm',
                                         'objective.stablevm.bank_capacity': 4})
   import_torch.import_checkpoint(config, TRAIN_CKPT, str(tmp_path))
-  setup = train.TrainSetup.create(config, train.validated_mesh(config))
+  setup = train_state.TrainSetup.create(config, config_checks.validated_mesh(config))
   manager = checkpointing.create_manager(str(tmp_path), save_every=1, max_to_keep=1)
   state = checkpointing.restore(manager, 0, setup.sharded_abstract_state(), data_iterator=None)
   manager.close()

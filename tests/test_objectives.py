@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import fmnist_sit
-from pafm_jax import objectives, paths, sampling, train
+from pafm_jax import objectives, paths, sampling, train_state
 
 
 @pytest.mark.parametrize('name', ['linear', 'cosine'])
@@ -74,12 +74,12 @@ def test_unknown_names_raise():
 def test_ema_warmup_keeps_closed_form_share_of_init():
   """After N updates, the EMA's weight on the initial params is Π_n d_n; with the warm-up
   d_n = (1+n)/(10+n) (while below the decay) the product telescopes to 9!·N!/(N+9)!."""
-  decays = np.asarray(train.ema_decay(jnp.arange(50), 0.9999), np.float64)
+  decays = np.asarray(train_state.ema_decay(jnp.arange(50), 0.9999), np.float64)
   for big_n in (1, 5, 50):
     closed = math.factorial(9) * math.factorial(big_n) / math.factorial(big_n + 9)
     np.testing.assert_allclose(np.prod(decays[:big_n]), closed, rtol=1e-5)
   # Capped at the configured decay once the warm-up exceeds it.
-  assert float(train.ema_decay(jnp.asarray(10**6), 0.999)) == pytest.approx(0.999)
+  assert float(train_state.ema_decay(jnp.asarray(10**6), 0.999)) == pytest.approx(0.999)
 
 
 def _gaussian_velocity(mu, s2, path):

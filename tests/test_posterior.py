@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from configs import fmnist_sit
-from pafm_jax import objectives, paths, posterior, train
+from pafm_jax import config_checks, objectives, paths, posterior
 from pafm_jax.data import fashion_mnist
 
 NULL = 10
@@ -291,40 +291,6 @@ def test_stratified_with_the_whole_class_in_the_batch_is_the_exact_marginal():
   assert _rel_err(target, truth) < 1e-4
 
 
-def test_stratified_weights_match_an_independent_numpy_estimator():
-  """Half the class in the batch: in-batch items outside S carry log((N_c − k)/|R_c|)."""
-  rng = np.random.default_rng(7)
-  x, y = _synthetic_dataset(rng, per_class=40)
-  sizes = np.bincount(y)
-  b, k = 48, 3
-  pick = rng.choice(len(x), b, replace=False)
-  x0, labels = x[pick], y[pick]
-  eps = rng.normal(size=x0.shape)
-  t = rng.uniform(0.5, 1.0, size=b)
-  path = paths.get_path('linear')
-  x_t = (1 - t)[:, None] * x0 + t[:, None] * eps
-  nbr = np.stack([rng.choice(np.flatnonzero(y == labels[i]), k, replace=False)
-                  for i in range(b)])
-  truth = np.zeros_like(x0)
-  for i in range(b):
-    in_s = np.isin(pick, nbr[i])
-    outside = ~in_s & (labels == labels[i])
-    cand = np.concatenate([x0[outside], x[nbr[i]]])
-    log_prior = np.concatenate([np.full(outside.sum(), np.log((sizes[labels[i]] - k)
-                                                              / outside.sum())), np.zeros(k)])
-    truth[i] = _np_marginal_velocity(path, x_t[i:i + 1], t[i:i + 1], cand, log_prior)[0][0]
-  f32 = lambda a: jnp.asarray(a, jnp.float32)
-  batch = {'label': jnp.asarray(labels), 'id': jnp.asarray(pick, jnp.int32),
-           'neighbours': f32(x[nbr]), 'neighbour_labels': jnp.asarray(y[nbr]),
-           'neighbour_ids': jnp.asarray(nbr, jnp.int32)}
-  options = objectives.PAFMOptions('batch+retrieved', stratified=True,
-                                   class_sizes=tuple(sizes))
-  target, _ = objectives.pafm_target(path, f32(x_t), f32(t), f32(x0), f32(eps),
-                                     jnp.asarray(labels), batch, options=options,
-                                     null_label=NULL)
-  assert _rel_err(target, truth) < 1e-4
-
-
 def test_text_condition_term_is_cosine_over_tau_and_null_allows_all():
   rng = np.random.default_rng(8)
   e = rng.normal(size=(5, 6))
@@ -400,13 +366,13 @@ def test_objective_config_errors_are_raised_before_any_work():
   c.retrieval.mode = 'none'
   c.objective.pafm.sources = 'batch+retrieved'
   with pytest.raises(ValueError, match='config.retrieval.mode'):
-    train.validate_config(c, 1, 1)
+    config_checks.validate(c, 1, 1)
   c.retrieval.mode = 'noisy'
   c.objective.pafm.sources = 'batch'
   c.objective.pafm.stratified = True
   with pytest.raises(ValueError, match="sources='batch\\+retrieved'"):
-    train.validate_config(c, 1, 1)
+    config_checks.validate(c, 1, 1)
   c.objective.pafm.stratified = False
   c.objective.pafm.sources = 'faiss'
   with pytest.raises(ValueError, match='config.objective.pafm.sources'):
-    train.validate_config(c, 1, 1)
+    config_checks.validate(c, 1, 1)

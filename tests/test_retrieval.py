@@ -16,11 +16,11 @@ import pytest
 
 from configs import fmnist_sit
 from pafm_jax import objectives, paths, posterior
+from pafm_jax.retrieval import stage as retrieval_stage
 from pafm_jax.data import pipeline
 from pafm_jax.retrieval import dataset_index, stage
 from pafm_jax.retrieval import index as index_lib
 from pafm_jax.retrieval import keys as keys_lib
-from pafm_jax import train
 from tests.test_train import apply_overrides
 
 K = 16
@@ -186,7 +186,7 @@ def test_exact_backend_is_exact(fmnist_tfds_dir, fmnist, tmp_path):
 
 def make_iterator(config, workdir, process_index=0, process_count=1, worker_count=0):
   config.data.worker_count = worker_count
-  factory = train.neighbour_stage(config, workdir)
+  factory = retrieval_stage.stage_factory(config, workdir)[0]
   return pipeline.create_train_iterator(
       config.data, local_batch_size=32 // process_count, process_index=process_index,
       process_count=process_count, seed=5, extra_stage=factory)
@@ -253,15 +253,16 @@ def test_stage_runs_in_worker_processes(built):
 
 def test_host_noise_follows_the_training_laws():
   rng = np.random.default_rng(0)
-  for kind in objectives.T_SAMPLINGS:
-    host = np.sort([stage.host_sample_t(rng, kind) for _ in range(20_000)])
+  for kind in paths.T_SAMPLINGS:
+    host = np.sort([paths.host_sample_t(rng, kind) for _ in range(20_000)])
     dev = np.sort(np.asarray(objectives.sample_t(jax.random.key(0), 20_000, kind)))
     ks = np.max(np.abs(np.searchsorted(host, dev) / 20_000 - np.arange(1, 20_001) / 20_000))
     assert ks < 0.02, (kind, ks)  # two-sample KS, 20 000 each: 1 % critical value ≈ 0.016
   t = np.linspace(0, 1, 11, dtype=np.float32)
   for name in paths.PATHS:
-    a, s = stage.host_alpha_sigma(name, t)
     path = paths.get_path(name)
+    a, s = path.alpha(t), path.sigma(t)  # numpy in, numpy formulas: what the stage uses
+    assert isinstance(a, np.ndarray) and a.dtype == np.float32
     np.testing.assert_allclose(a, np.asarray(path.alpha(jnp.asarray(t))), atol=1e-6)
     np.testing.assert_allclose(s, np.asarray(path.sigma(jnp.asarray(t))), atol=1e-6)
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from configs import fmnist_sit
-from pafm_jax import paths, sharding, train
+from pafm_jax import paths, sampling, sharding, train_state
+from pafm_jax.models import network
 from pafm_jax.sampling import ode, schedules, stablevs
-from pafm_jax import sampling
 
 # A full-covariance Gaussian data law: N(MU, COV).
 MU = np.array([1.5, -1.0, 0.5])
@@ -222,9 +222,9 @@ def test_unknown_sampler_and_missing_null_label_raise():
 def test_sharded_sampler_equals_one_device_sampler():
   """A SiT sample with the batch split over 8 devices equals the one-device sample."""
   config = fmnist_sit.get_config()
-  net = train.build_network(config)
-  params = train.init_state(jax.random.key(0), train.model_factory(config),
-                            train.make_optimizer(config.optimizer))['params']
+  net = network.build_network(config)
+  params = train_state.init_state(jax.random.key(0), network.model_factory(config),
+                            train_state.make_optimizer(config.optimizer))['params']
   # A zero-initialised final layer would make every velocity 0: perturb all parameters.
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))

@@ -11,7 +11,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import fmnist_sit, sit_b2, sit_xl2
-from pafm_jax import checkpointing, sharding, train
+from pafm_jax import checkpointing, sharding, train, train_state
+from pafm_jax.models import network
 from pafm_jax.data import pipeline
 
 
@@ -57,15 +58,15 @@ def test_paper_configs_build_abstractly(module, expected):
   assert (config.global_batch_size, config.total_steps) == (256, 400_000)
   assert config.optimizer.learning_rate == 1e-4 and config.optimizer.ema_decay == 0.9999
   assert (config.data.image_size, config.data.channels, config.data.num_classes) == (32, 4, 1000)
-  net = train.build_network(config)
-  n = train.count_params(net.abstract_params)
+  net = network.build_network(config)
+  n = network.count_params(net.abstract_params)
   assert abs(n - expected) / expected < 0.01, n
   # The optimizer state and EMA build abstractly too, and every leaf gets a sharding.
   mesh = sharding.create_mesh({'data': 2, 'fsdp': 4})
-  tx = train.make_optimizer(config.optimizer)
-  abstract = jax.eval_shape(lambda r: train.init_state(r, train.model_factory(config), tx),
+  tx = train_state.make_optimizer(config.optimizer)
+  abstract = jax.eval_shape(lambda r: train_state.init_state(r, network.model_factory(config), tx),
                             jax.random.key(0))
-  sh = train.state_shardings(abstract, net, tx, mesh, config.logical_axis_rules)
+  sh = train_state.state_shardings(abstract, net, tx, mesh, config.logical_axis_rules)
   assert jax.tree.structure(sh) == jax.tree.structure(abstract)
 
 
@@ -93,9 +94,9 @@ def test_logical_rules_map_dims_and_replicate_indivisible():
 
 
 def _run_steps(config, mesh, batches):
-  setup = train.TrainSetup.create(config, mesh)
+  setup = train_state.TrainSetup.create(config, mesh)
   state = setup.init()
-  step = setup.compile_step()
+  step = train.compile_step(setup)
   losses = []
   for b in batches:
     state, metrics = step(state, train.to_global_batch(b, setup.batch_spec, mesh))

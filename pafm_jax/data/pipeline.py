@@ -61,8 +61,8 @@ import numpy as np
 DEFAULT_TFDS_DIR = "~/.cache/pafm_jax/tfds"
 TFDS_DIR_ENV = "PAFM_TFDS_DIR"
 FASHION_MNIST = "fashion_mnist"
-# Thread count for reading batches in the main process (ReadOptions.num_threads);
-# optional config field `data.read_threads`.
+# Thread count for reading batches in the main process (ReadOptions.num_threads), when a
+# config does not say (`data.read_threads`, declared in configs/base.py).
 DEFAULT_READ_THREADS = 2
 
 __all__ = [
@@ -153,6 +153,17 @@ def validate_data_config(
         raise ValueError(
           f"config.data.{field}={got} but Fashion-MNIST has {field}={want}."
         )
+
+
+def check_config(config: Any) -> None:
+  """config.data on its own (no data is read), and the shuffle seed it resolves to."""
+  validate_data_config(config.data, seed=train_seed(config))
+
+
+def train_seed(config: Any) -> int:
+  """The seed of the example order: config.data.shuffle_seed, or config.seed when it is −1."""
+  seed = _get(config.data, "shuffle_seed", -1)
+  return config.seed if seed == -1 else seed
 
 
 def shuffle_seed_for(seed: int) -> int:
@@ -277,11 +288,9 @@ class _ReadBatch:
     else:  # e.g. pre-scaled float latents.
       images = images.astype(np.float32)
     labels = np.asarray([r["label"] for r in records], dtype=np.int32)
-    if "id" in records[0]:
-      ids = np.asarray([r["id"] for r in records], dtype=np.int64)
-    else:
-      ids = indices
-    return {"image": images, "label": labels, "id": ids}
+    # A row's identity is its position in the source, whatever ids the records carry: the
+    # retrieval index stores positions, and duplicate removal compares the two.
+    return {"image": images, "label": labels, "id": indices}
 
 
 def batch_reader(source, image_shape: tuple[int, int, int] | None):

@@ -28,11 +28,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
-from pafm_jax import checkpointing, paths, sampling, sharding, train
+from pafm_jax import checkpointing, config_checks, sampling, train_state
 from pafm_jax.evaluation import classifier as classifier_lib
 from pafm_jax.evaluation import frechet, manifold, memorization
+from pafm_jax.models import network
+from pafm_jax.sampling import generate as generate_lib
+from pafm_jax.sampling import grids
 
 # Precision/recall cost grows with the product of the set sizes: both sets are capped.
 PR_MAX_POINTS = 10_000
@@ -144,50 +146,18 @@ def reference_statistics(config: ml_collections.ConfigDict,
 # ------------------------------------------------------------------------ generation
 
 
-def _gather(x: jax.Array) -> np.ndarray:
-  """A batch-sharded array as one host array (on every process)."""
-  if jax.process_count() > 1:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
-def sample_batch_size(config: ml_collections.ConfigDict, mesh) -> int:
-  """config.sample.batch_size rounded up to a multiple of the mesh's batch shards."""
-  shards = sharding.num_batch_shards(mesh)
-  return -(-config.sample.batch_size // shards) * shards
-
-
-def make_generator(config: ml_collections.ConfigDict, net: train.Network, mesh,
+def make_generator(config: ml_collections.ConfigDict, net: network.Network, mesh,
                    options: sampling.SamplerOptions | None = None) -> Callable:
-  """(params, rng, num) → (images [num, H, W, C], labels [num], nfe per sample).
+  """(params, rng, num) → (images [num, H, W, C], labels [num], nfe per sample), the labels
+  cycling through the classes (class-balanced), drawn through sampling's one generator."""
+  generate = generate_lib.make_generator(config, net.apply, net.null_label, mesh, options)
 
-  Labels cycle through the classes (class-balanced); batches of `sample_batch_size` run
-  through one compiled, batch-sharded sampler, with progress in the log.
-  """
-  options = options or sampling.SamplerOptions.from_config(config.sample)
-  shape = (config.data.image_size, config.data.image_size, config.data.channels)
-  draw = sampling.make_batch_sampler(net.apply, mesh, shape, options, null_label=net.null_label,
-                                     path=paths.get_path(config.objective.path))
-  shards = sharding.num_batch_shards(mesh)
+  def class_balanced(params, rng, num: int):
+    labels = generate_lib.class_balanced_labels(num, config.data.num_classes)
+    images, nfe = generate(params, rng, labels)
+    return images, labels, nfe
 
-  def generate(params, rng, num: int):
-    labels = (np.arange(num) % config.data.num_classes).astype(np.int32)
-    batch = min(sample_batch_size(config, mesh), -(-num // shards) * shards)
-    images, nfes = [], []
-    t0 = time.time()
-    for start in range(0, num, batch):
-      chunk = labels[start:start + batch]
-      padded = np.resize(chunk, batch)   # repeats labels to fill the last batch
-      x, nfe = draw(params, jax.random.fold_in(rng, start), jnp.asarray(padded))
-      images.append(_gather(x)[:len(chunk)])
-      nfes.append(float(nfe))
-      done = start + len(chunk)
-      rate = done / max(time.time() - t0, 1e-9)
-      logging.info('sampled %d/%d (%.1f samples/s, ETA %.0f s, %.1f NFE)', done, num, rate,
-                   (num - done) / rate, nfes[-1])
-    return np.concatenate(images), labels, float(np.mean(nfes))
-
-  return generate
+  return class_balanced
 
 
 # ------------------------------------------------------------------------- evaluation
@@ -215,7 +185,7 @@ def compute_metrics(config: ml_collections.ConfigDict, images: np.ndarray, label
 class Evaluator:
   """Everything one evaluation needs, built once; `evaluate` may run many times."""
 
-  def __init__(self, config: ml_collections.ConfigDict, net: train.Network, mesh):
+  def __init__(self, config: ml_collections.ConfigDict, net: network.Network, mesh):
     self.config = config
     self.extractor = create_feature_extractor(config)
     self.reference = reference_statistics(config, self.extractor)
@@ -247,8 +217,8 @@ class Evaluator:
 def restore_sampling_params(config: ml_collections.ConfigDict, workdir: str):
   """(mesh, network, params, step): the latest checkpoint's EMA (or raw, per
   config.sample.use_ema) parameters on their train shardings, nothing else."""
-  mesh = train.validated_mesh(config)
-  setup = train.TrainSetup.create(config, mesh)
+  mesh = config_checks.validated_mesh(config)
+  setup = train_state.TrainSetup.create(config, mesh)
   abstract = setup.sharded_abstract_state()['ema_params']
   params, step = checkpointing.restore_params(workdir, abstract, use_ema=config.sample.use_ema)
   logging.info('restored the %s parameters of step %d from %s',
@@ -278,7 +248,7 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
   png, npz = out / f'{tag}.png', out / f'{tag}.npz'
   if jax.process_index() == 0:
     out.mkdir(parents=True, exist_ok=True)
-    train.save_grid_png(train.image_grid(images[grid_idx], config.sample.per_class), png)
+    grids.save_grid_png(grids.image_grid(images[grid_idx], config.sample.per_class), png)
     with npz.open('wb') as f:
       np.savez(f, samples=images, labels=labels)
   logging.info('wrote %s and %s (%d samples, %.1f NFE each)', png, npz, num, nfe)

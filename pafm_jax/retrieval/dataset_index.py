@@ -76,9 +76,17 @@ def expected_metadata(config: ml_collections.ConfigDict, source) -> dict[str, An
   }
 
 
-def check_retrieval_config(config: ml_collections.ConfigDict) -> None:
+RETRIEVAL_MODES = ('none', 'clean', 'noisy')
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
   """Config errors of the retrieval section, before any data is read."""
   r = config.retrieval
+  if r.mode not in RETRIEVAL_MODES:
+    raise ValueError(f'config.retrieval.mode must be one of {RETRIEVAL_MODES}, got '
+                     f'{r.mode!r}.')
+  if r.mode == 'none':
+    return
   if r.backend not in index_lib.BACKENDS:
     raise ValueError(f'unknown retrieval backend {r.backend!r}; config.retrieval.backend must '
                      f'be one of {index_lib.BACKENDS}.')
@@ -142,7 +150,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
           source=None, expected: dict[str, Any] | None = None) -> index_lib.NeighbourIndex:
   """Builds the config's index into index_directory(config, workdir); `source` and its
   `expected` metadata are computed when not given."""
-  check_retrieval_config(config)
+  check_config(config)
   if source is None:
     source = pipeline.load_source(config.data, config.data.get('split', 'train'))
   if expected is None:
@@ -167,7 +175,7 @@ def ensure(config: ml_collections.ConfigDict, workdir: str, source=None, *,
   """The index for training, checked against the config and loaded with every file's
   checksum verified; built (with a log line) when missing and config.retrieval.auto_build is
   on. Runs before anything is compiled."""
-  check_retrieval_config(config)
+  check_config(config)
   directory = index_directory(config, workdir)
   if source is None:
     source = pipeline.load_source(config.data, config.data.get('split', 'train'))

@@ -7,10 +7,15 @@ each query":
   exact  brute force: a blocked matmul and argpartition in numpy; the truth for recall, and
          the better choice for small data.
 
+Builds are reproducible: the same keys and config give the same files, so the same answers
+and content hash (checked across builds, processes and training-thread counts; another ScaNN
+version, or a CPU with other SIMD kernels, may train other files: compare content hashes).
+
 Directory layout (written atomically: built under a sibling temporary name and renamed):
 
   metadata.json           format, backend, key transform, dataset fingerprint, class sizes,
-                          ScaNN parameters, build time/memory, sha256 of every other file
+                          ScaNN parameters and training choices, build time/memory, sha256 of
+                          every other file and the content hash over them (`content_hash`)
   part_<c>/ids.npy        int64 [N_c]: dataset ids of partition c (ascending)
   part_<c>/keys.npy       float32 [N_c, dim] (exact backend)
   part_<c>/scann/...      the ScaNN searcher, serialised with *relative* asset paths, so the
@@ -40,6 +45,19 @@ METADATA = 'metadata.json'
 CLEAN_TABLE = 'clean_neighbours.npy'
 # Keys per matmul block of the exact search: bounds its [queries, block] distance matrix.
 EXACT_BLOCK = 16_384
+# ScaNN pads a result row (id 0, distance NaN) when the leaves it scans hold fewer than k
+# keys, and k-means leaves are uneven (measured on 100–3 000-key partitions, k = 16 and 64:
+# leaves expected to hold ≈ 2 k keys still left up to 13 % of the rows short, 2.5 k none of
+# 300 queries). So the scanned leaves should hold LEAF_MARGIN × k keys on average; rows still
+# short are searched again over all leaves (ScannSearcher.search).
+LEAF_MARGIN = 4
+# ScaNN's k-means tree: k-means++ from this seed. Its random initialisation is not
+# reproducible: it draws seeded ids into an absl hash set and takes the centres in the set's
+# iteration order, which changes from build to build (measured: 2 builds of Fashion-MNIST's
+# 10 classes gave other neighbours to 7 of 400 noisy queries at t = 0.7). k-means++ and the
+# anisotropic-hash codebooks gave identical files over builds, processes and 1, 2 or 8
+# training threads, so training keeps all threads.
+CLUSTERING_SEED = 0
 
 
 class RetrievalIndexError(ValueError):
@@ -109,7 +127,8 @@ class ScannParams:
   """ScaNN's knobs; 0 picks the size-dependent default of `resolve`."""
   num_leaves: int = 0            # k-means tree leaves (default ≈ √N)
   leaves_to_search: int = 0      # leaves scanned per query (default: half of them for small
-                                 # partitions, falling to 5 % at ≈ 2 M keys)
+                                 # partitions, falling to 5 % at ≈ 2 M keys; at least enough
+                                 # for LEAF_MARGIN × k keys, see min_leaves_to_search)
   reorder: int = 0               # candidates re-ranked exactly (default max(100, 8k))
   dims_per_block: int = 2        # anisotropic-hash block size
   training_sample_size: int = 100_000
@@ -129,10 +148,19 @@ class ScannParams:
     # quarter of the leaves, 0.99 scanning half); small partitions can afford half.
     fraction = float(np.clip(0.5 * np.sqrt(20_000 / max(n, 1)), 0.05, 0.5))
     search = self.leaves_to_search or max(1, int(np.ceil(leaves * fraction)))
+    # Never so few that the scanned leaves miss k keys (padded rows); the defaults already
+    # scan thousands of keys above ~1 000 keys per partition, so this only moves small ones.
+    search = max(search, min_leaves_to_search(n, leaves, k))
     return {'num_leaves': leaves, 'leaves_to_search': min(search, leaves),
             'reorder': self.reorder,  # 0: max(100, 8k) for the k of each search
             'dims_per_block': self.dims_per_block,
             'training_sample_size': min(self.training_sample_size, n)}
+
+
+def min_leaves_to_search(n: int, num_leaves: int, k: int) -> int:
+  """Fewest leaves of a partition of n keys in num_leaves leaves that hold LEAF_MARGIN × k keys
+  on average (all of them when the partition is that small)."""
+  return min(num_leaves, max(1, int(np.ceil(LEAF_MARGIN * k * num_leaves / max(n, 1)))))
 
 
 def _scann_ops():
@@ -142,12 +170,20 @@ def _scann_ops():
 
 
 class ScannSearcher:
-  """A ScaNN searcher over one partition's keys."""
+  """A ScaNN searcher over one partition's keys.
 
-  def __init__(self, searcher, reorder: int):
+  params: the partition's resolved ScannParams (num_leaves, leaves_to_search, reorder; as
+  recorded in metadata.json).
+  """
+
+  def __init__(self, searcher, params: dict[str, Any]):
     self.searcher = searcher
-    self.reorder = reorder
+    self.reorder = params['reorder']
+    self.num_leaves = params['num_leaves']
+    self.leaves_to_search = params['leaves_to_search']
+    self.size = int(searcher.size())
     self.parallel = True
+    self.reported: set[int] = set()  # the k's whose short rows were logged
 
   @classmethod
   def build(cls, keys: np.ndarray, params: dict[str, int], k: int) -> 'ScannSearcher':
@@ -155,23 +191,66 @@ class ScannSearcher:
     keys = np.ascontiguousarray(keys, np.float32)
     builder = ops.builder(keys, k, 'squared_l2').tree(
         num_leaves=params['num_leaves'], num_leaves_to_search=params['leaves_to_search'],
-        training_sample_size=params['training_sample_size'])
+        training_sample_size=params['training_sample_size'],
+        random_init=False)  # k-means++: reproducible (CLUSTERING_SEED)
     # Anisotropic quantisation targets inner products; for L2 the plain (NaN threshold) one.
     builder = builder.score_ah(params['dims_per_block'],
                                anisotropic_quantization_threshold=float('nan'))
     reorder = params['reorder'] or max(100, 8 * k)  # the default the searcher is built with
-    return cls(builder.reorder(reorder).build(), params['reorder'])
+    builder = builder.reorder(reorder)
+    # The builder has no seed argument: set it in the config it writes (ScaNN's default is
+    # the same 0, but the index should not depend on a default).
+    from google.protobuf import text_format  # pylint: disable=g-import-not-at-top
+    from scann.proto import scann_pb2  # pylint: disable=g-import-not-at-top
+    config = text_format.Parse(builder.create_config(), scann_pb2.ScannConfig())
+    config.partitioning.clustering_seed = CLUSTERING_SEED
+    return cls(ops.create_searcher(keys, text_format.MessageToString(config)), params)
+
+  def _search(self, queries: np.ndarray, k: int,
+              leaves: int | None) -> tuple[np.ndarray, np.ndarray]:
+    reorder = max(self.reorder or max(100, 8 * k), k)
+    kwargs = dict(final_num_neighbors=k, pre_reorder_num_neighbors=reorder,
+                  leaves_to_search=leaves)
+    if self.parallel and len(queries) > 1:
+      idx, dist = self.searcher.search_batched_parallel(queries, **kwargs)
+    else:
+      idx, dist = self.searcher.search_batched(queries, **kwargs)
+    return np.asarray(idx, np.int64), np.asarray(dist)
+
+  def short_rows(self, idx: np.ndarray, dist: np.ndarray, k: int) -> np.ndarray:
+    """Rows [n] bool without k distinct valid ids: ScaNN pads a row with id 0 and distance NaN
+    when the leaves it scanned held fewer than k keys."""
+    ordered = np.sort(idx, axis=1)
+    return (np.isnan(dist).any(axis=1) | (ordered[:, 0] < 0) | (ordered[:, -1] >= self.size)
+            | (ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
 
   def search(self, queries: np.ndarray, k: int) -> np.ndarray:
+    """Positions int64 [n, k] of each query's k nearest keys (k distinct), nearest first."""
+    if not 0 < k <= self.size:
+      raise ValueError(f'asked for {k} neighbours among {self.size} keys.')
     queries = np.ascontiguousarray(queries, np.float32)
-    reorder = max(self.reorder or max(100, 8 * k), k)
-    if self.parallel and len(queries) > 1:
-      idx, _ = self.searcher.search_batched_parallel(
-          queries, final_num_neighbors=k, pre_reorder_num_neighbors=reorder)
-    else:
-      idx, _ = self.searcher.search_batched(queries, final_num_neighbors=k,
-                                            pre_reorder_num_neighbors=reorder)
-    return np.asarray(idx, np.int64)
+    # The build's leaves_to_search was resolved for its own k (1 in the noisy mode): scan
+    # more leaves where this k needs them (small partitions only).
+    leaves = max(self.leaves_to_search, min_leaves_to_search(self.size, self.num_leaves, k))
+    idx, dist = self._search(queries, k, leaves if leaves > self.leaves_to_search else None)
+    short = self.short_rows(idx, dist, k)
+    if short.any():
+      # The scanned leaves held fewer than k keys (uneven leaves). Scanning all of them makes
+      # every key a candidate, so each row gets k distinct ids.
+      if k not in self.reported:
+        self.reported.add(k)
+        logging.warning(
+            'retrieval index: ScaNN found fewer than k = %d distinct neighbours for %d of %d '
+            'queries in a partition of %d keys (its %d scanned leaves of %d held too few '
+            'keys); searching those rows again over all leaves. Logged once per partition and '
+            'k.', k, int(short.sum()), len(queries), self.size, leaves, self.num_leaves)
+      rows = np.flatnonzero(short)
+      idx[rows], dist = self._search(queries[rows], k, self.num_leaves)
+      if self.short_rows(idx[rows], dist, k).any():
+        raise RetrievalIndexError(
+            f'ScaNN returned fewer than {k} distinct neighbours from a partition of {self.size} '
+            'keys even scanning all its leaves; rebuild the index (or use backend exact).')
+    return idx
 
   def set_threads(self, threads: int) -> None:
     # One thread: search in the caller's thread (a data worker already runs in parallel).
@@ -186,7 +265,7 @@ class ScannSearcher:
     self.searcher.serialize(sub, relative_path=True)
 
   @classmethod
-  def load(cls, directory: str, reorder: int) -> 'ScannSearcher':
+  def load(cls, directory: str, params: dict[str, Any]) -> 'ScannSearcher':
     sub = os.path.join(directory, 'scann')
     with open(os.path.join(sub, 'scann_assets.pbtxt')) as f:
       assets = f.read()
@@ -197,7 +276,7 @@ class ScannSearcher:
     ops = _scann_ops()
     # Not scann_ops_pybind.load_searcher: it would also unpickle a scann_docids.pkl if one
     # were present, and an index file must never run code.
-    return cls(ops.ScannSearcher(ops.scann_pybind.ScannNumpy(sub, assets)), reorder)
+    return cls(ops.ScannSearcher(ops.scann_pybind.ScannNumpy(sub, assets)), params)
 
 
 # ------------------------------------------------------------------------------ the index
@@ -209,6 +288,24 @@ def sha256_file(path: str) -> str:
     for chunk in iter(lambda: f.read(1 << 22), b''):
       h.update(chunk)
   return h.hexdigest()
+
+
+def content_hash(files: dict[str, str]) -> str:
+  """sha256 over the sorted (relative path, sha256) pairs of an index's files: names what the
+  index answers (reproducible builds of the same data and config share it), not when or where
+  it was built, so a checkpoint can record which index trained it."""
+  h = hashlib.sha256()
+  for rel, digest in sorted(files.items()):
+    h.update(f'{rel}\0{digest}\n'.encode())
+  return h.hexdigest()
+
+
+def scann_version() -> str:
+  from importlib import metadata as importlib_metadata  # pylint: disable=g-import-not-at-top
+  try:
+    return importlib_metadata.version('scann')
+  except importlib_metadata.PackageNotFoundError:
+    return 'unknown'
 
 
 def peak_memory_mib() -> float:
@@ -229,6 +326,11 @@ class NeighbourIndex:
   @property
   def num_partitions(self) -> int:
     return len(self.partitions)
+
+  @property
+  def content_hash(self) -> str:
+    """See `content_hash`; computed from the file digests for metadata written before it."""
+    return self.metadata.get('content_hash') or content_hash(self.metadata['files'])
 
   def search(self, keys: np.ndarray, labels: np.ndarray | None, k: int) -> np.ndarray:
     """Dataset ids int64 [n, k] of the k nearest items to each key [n, dim], nearest first,
@@ -285,7 +387,7 @@ class NeighbourIndex:
       try:
         ids = np.load(os.path.join(part, 'ids.npy'))
         if metadata['backend'] == 'scann':
-          searcher = ScannSearcher.load(part, metadata['scann'][c]['reorder'])
+          searcher = ScannSearcher.load(part, metadata['scann'][c])
         else:
           searcher = ExactSearcher.load(part)
       except Exception as e:  # numpy/ScaNN errors do not say which file or what to do
@@ -378,9 +480,13 @@ def build(directory: str, keys: np.ndarray, labels: np.ndarray | None, *, backen
     metadata = {
         'format': FORMAT_VERSION, 'backend': backend, 'num_items': n,
         'num_partitions': len(part_ids), 'partition_sizes': sizes, 'key_dim': keys.shape[1],
-        'clean_k': clean_k, 'scann': scann_meta, **metadata,
+        'clean_k': clean_k, 'scann': scann_meta,
+        'scann_training': ({'center_init': 'kmeans++', 'clustering_seed': CLUSTERING_SEED,
+                            'scann_version': scann_version()} if backend == 'scann' else None),
+        **metadata,
         'build_seconds': round(time.time() - t0, 2),
         'build_peak_memory_mib': round(peak_memory_mib(), 1), 'files': files,
+        'content_hash': content_hash(files),
     }
     with open(os.path.join(tmp, METADATA), 'w') as f:
       json.dump(metadata, f, indent=1)

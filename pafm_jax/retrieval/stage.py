@@ -7,7 +7,8 @@ For every row (sample x0 with label y and dataset id) it adds
   neighbour_ids     int32 [b, k]
 
 and, in 'noisy' mode, the t [b] and ε [b, H, W, C] that the train step then uses instead of
-drawing its own (objectives.velocity_loss): the query x_t/α_t must be known on the host.
+drawing its own (batch_contract.pipeline_draws_noise): the query x_t/α_t must be known on the
+host. Field names and shapes are those of pafm_jax/batch_contract.py.
 
   clean  the k nearest other items to x0 (a table precomputed at build time)
   noisy  the k nearest items to x_t/α_t in key space: the highest-likelihood candidates
@@ -16,8 +17,9 @@ drawing its own (objectives.velocity_loss): the query x_t/α_t must be known on 
 Determinism: t and ε of a row are drawn from a generator seeded by (seed, global batch index,
 row of the *global* batch), so a batch is a pure function of its index: the stream does not
 depend on worker count or thread timing, a restored iterator continues exactly, and a
-multi-host run draws the same noise as a single-host one. Nothing here touches JAX: the stage
-runs in Grain's worker processes, which must not claim an accelerator.
+multi-host run draws the same noise as a single-host one. Nothing here computes with JAX
+(paths.py evaluates its formulas with numpy on numpy input): the stage runs in Grain's worker
+processes, which must not claim an accelerator.
 """
 
 from __future__ import annotations
@@ -27,7 +29,12 @@ import threading
 import grain
 import numpy as np
 
+from absl import logging
+
+from pafm_jax import batch_contract as fields
+from pafm_jax import paths
 from pafm_jax.data import pipeline
+from pafm_jax.retrieval import dataset_index
 from pafm_jax.retrieval import index as index_lib
 from pafm_jax.retrieval import keys as keys_lib
 
@@ -35,27 +42,6 @@ QUERY_MODES = ('clean', 'noisy')
 # α_t below this is floored when forming x_t/α_t: near t = 1 the query direction still ranks
 # the candidates (the likelihood order is invariant to the scale), the value stays finite.
 MIN_ALPHA = 1e-6
-
-
-def host_sample_t(rng: np.random.Generator, kind: str) -> np.float32:
-  """One training time t in [0, 1): the host twin of objectives.sample_t, same laws."""
-  if kind == 'uniform':
-    return np.float32(rng.random())
-  if kind == 'lognormal':
-    n = rng.standard_normal()
-    return np.float32(1.0 - 1.0 / (1.0 + np.exp(1.2 * n - 1.2)))
-  raise ValueError(f'unknown t sampling {kind!r}.')
-
-
-def host_alpha_sigma(path_name: str, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(α_t, σ_t) of paths.LinearPath / CosinePath in numpy float32."""
-  t = np.asarray(t, np.float32)
-  if path_name == 'linear':
-    return 1.0 - t, t
-  if path_name == 'cosine':
-    return (np.cos(np.float32(0.5 * np.pi) * t).astype(np.float32),
-            np.sin(np.float32(0.5 * np.pi) * t).astype(np.float32))
-  raise ValueError(f'no host formula for path {path_name!r}.')
 
 
 class NeighbourStage(grain.transforms.MapWithIndex):
@@ -75,7 +61,7 @@ class NeighbourStage(grain.transforms.MapWithIndex):
     self._directory = index.directory
     self._read = pipeline.batch_reader(source, image_shape)
     self.mode, self.k, self.key = mode, k, key
-    self.seed, self.path_name, self.t_sampling = seed, path_name, t_sampling
+    self.seed, self.path, self.t_sampling = seed, paths.get_path(path_name), t_sampling
     self.row_offset = row_offset  # this process's first row in the global batch
     self._lock = threading.Lock()
 
@@ -103,28 +89,52 @@ class NeighbourStage(grain.transforms.MapWithIndex):
     eps = np.zeros((b, *sample_shape), np.float32)
     for i, row in enumerate(range(self.row_offset, self.row_offset + b)):
       rng = np.random.default_rng([self.seed, int(batch_index), int(row), 0x7E5])
-      t[i] = host_sample_t(rng, self.t_sampling)
+      t[i] = paths.host_sample_t(rng, self.t_sampling)
       eps[i] = rng.standard_normal(sample_shape, np.float32)
     return t, eps
 
   def map_with_index(self, index: int, batch: dict) -> dict:
-    x0, labels, ids = batch['image'], batch['label'], batch['id']
+    x0, labels, ids = batch[fields.IMAGE], batch[fields.LABEL], batch[fields.ID]
     b = x0.shape[0]
     out = dict(batch)
     if self.mode == 'noisy':
       t, eps = self.draw_noise(index, b, x0.shape[1:])
-      alpha, sigma = host_alpha_sigma(self.path_name, t)
-      alpha = np.maximum(alpha, np.float32(MIN_ALPHA)).reshape(-1, *[1] * (x0.ndim - 1))
-      sigma = sigma.reshape(alpha.shape)
+      alpha = np.maximum(self.path.alpha(t), np.float32(MIN_ALPHA)).reshape(
+          -1, *[1] * (x0.ndim - 1))
+      sigma = self.path.sigma(t).reshape(alpha.shape)
       query = (alpha * x0 + sigma * eps) / alpha
       nbr = self.index().search(self.key(query), labels, self.k)
-      out.update(t=t, eps=eps)
+      out.update({fields.T: t, fields.EPS: eps})
     else:
       nbr = self.index().clean_neighbours(ids, self.k)
     read = self._read(nbr.reshape(-1))
-    out.update(neighbours=read['image'].reshape(b, self.k, *x0.shape[1:]),
-               neighbour_labels=read['label'].reshape(b, self.k),
-               neighbour_ids=nbr.astype(np.int32))
+    out.update({fields.NEIGHBOURS: read[fields.IMAGE].reshape(b, self.k, *x0.shape[1:]),
+                fields.NEIGHBOUR_LABELS: read[fields.LABEL].reshape(b, self.k),
+                fields.NEIGHBOUR_IDS: nbr.astype(np.int32)})
     return out
+
+
+def stage_factory(config, workdir: str):
+  """The data pipeline's retrieval stage (a factory of (data source, first row)), or None
+  when config.retrieval.mode == 'none'. Checks the index against the config first and builds
+  it when missing (config.retrieval.auto_build), so a wrong index fails before compiling.
+  Returns (factory, index) so the caller can record which index the run used."""
+  if config.retrieval.mode == 'none':
+    return None, None
+  if config.objective.name != 'pafm' or 'retrieved' not in config.objective.pafm.sources:
+    logging.warning("config.retrieval.mode=%r retrieves neighbours that objective %r does not "
+                    "use (only t and ε from the pipeline are); set config.retrieval.mode='none' "
+                    'to save the retrieval work.', config.retrieval.mode, config.objective.name)
+  index = dataset_index.ensure(config, workdir)
+  shape = pipeline.sample_shape(config.data)
+
+  def factory(source, first_row):
+    return NeighbourStage(
+        index, source, shape, mode=config.retrieval.mode, k=config.retrieval.k,
+        key=keys_lib.KeyTransform.from_config(config), seed=config.seed,
+        path_name=config.objective.path, t_sampling=config.objective.t_sampling,
+        row_offset=first_row)
+
+  return factory, index
 
 

@@ -65,6 +65,11 @@ class SamplerOptions:
     return base
 
 
+def check_config(config) -> None:
+  """config.sample names a sampler with valid options (SamplerOptions raises otherwise)."""
+  SamplerOptions.from_config(config.sample)
+
+
 def sample_with_nfe(velocity_fn: VelocityFn, rng: jax.Array, labels: jax.Array,
                     shape: tuple[int, ...], options: SamplerOptions, *,
                     null_label: int | None = None, path=None,

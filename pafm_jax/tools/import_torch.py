@@ -33,10 +33,9 @@ import jax
 import ml_collections
 import numpy as np
 from ml_collections import config_flags
-
-from pafm_jax import checkpointing, convert, logs, objectives, torch_io, train
+from pafm_jax import checkpointing, convert, logs, objectives, torch_io, train_state
+from pafm_jax.models import network
 from pafm_jax.models import sit
-
 PARAMS_FROM = ('model', 'ema')
 
 
@@ -111,7 +110,7 @@ def import_checkpoint(config: ml_collections.ConfigDict, src: str, workdir: str,
   if source != 'auto' and source not in convert.SOURCES:
     raise ValueError(f'--source must be auto or one of {sorted(convert.SOURCES)}, got '
                      f'{source!r}.')
-  tx = train.make_optimizer(config.optimizer)
+  tx = train_state.make_optimizer(config.optimizer)
   # The state's layout depends on the objective (StableVM keeps its memory bank in it); class
   # sizes only enter the stratified PAFM target, never the state, so stand-ins do here.
   memory = objectives.make_objective(config, np.ones(config.data.num_classes)).memory
@@ -129,7 +128,7 @@ def import_checkpoint(config: ml_collections.ConfigDict, src: str, workdir: str,
   if notes['ignored']:
     logging.info('not imported: %s', ', '.join(notes['ignored']))
 
-  net = train.build_network(config)
+  net = network.build_network(config)
   patch = sit.SIT_SIZES[config.model.name]['patch_size']
   grid = (config.data.image_size // patch,) * 2
   same = ema_sd is params_sd
@@ -151,7 +150,7 @@ def import_checkpoint(config: ml_collections.ConfigDict, src: str, workdir: str,
       raise ValueError(f'"model" looks like a {info.source} and "ema" like a '
                        f'{ema_info.source} checkpoint; pass --source explicitly.')
   # The same constructor as a new run's state: the layout the loop restores.
-  build = functools.partial(train.state_from_params, tx=tx, step=step, memory=memory)
+  build = functools.partial(train_state.state_from_params, tx=tx, step=step, memory=memory)
   with jax.default_device(jax.local_devices(backend='cpu')[0]):
     state = jax.jit(build)(params, ema_params)
 
@@ -163,7 +162,7 @@ def import_checkpoint(config: ml_collections.ConfigDict, src: str, workdir: str,
   checkpointing.save_imported(workdir, step, state)
   checkpointing.save_config(config, workdir)
   logging.info('wrote %s as checkpoint %d of %s (%s parameters, source %s)', src, step,
-               workdir, f'{train.count_params(params):,}', info.source)
+               workdir, f'{network.count_params(params):,}', info.source)
   return info
 
 

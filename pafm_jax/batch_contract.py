@@ -1,0 +1,115 @@
+"""The batch contract: every field a training batch can hold, its shape, dtype and producer.
+
+The data pipeline, its retrieval stage, the StableVM bank, `train.batch_spec` and the
+objectives all name batch fields through this module, and which producers are active is a
+decision of the config (`active_producers`), checked up front, never inferred from which keys
+happen to be in a batch.
+
+Shapes are written with symbols, resolved from the config by `dims`:
+  B  global batch size            S  the sample shape (image_size, image_size, channels)
+  k  retrieved neighbours per row (config.retrieval.k)
+  M  memory-bank slots per class (config.objective.stablevm.bank_capacity)
+  E  condition-embedding width (text conditions; no producer yet)
+
+Dtypes are those the step sees; the host may hand wider integers (dataset ids are int64 in
+the pipeline), which the assembly into global arrays casts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+# Producers: who writes a field.
+DATA = 'data'            # pipeline.batch_reader: every batch
+RETRIEVAL = 'retrieval'  # retrieval.stage.NeighbourStage (config.retrieval.mode != 'none')
+NOISE = 'noise'          # the same stage in 'noisy' mode: t and ε drawn on the host
+BANK = 'bank'            # objectives.bank_training_batch, inside the step (StableVM)
+TEXT = 'text'            # text conditions: no producer yet (the text issue adds one)
+
+IMAGE, LABEL, ID = 'image', 'label', 'id'
+T, EPS = 't', 'eps'
+NEIGHBOURS, NEIGHBOUR_LABELS, NEIGHBOUR_IDS = 'neighbours', 'neighbour_labels', 'neighbour_ids'
+BANK_CANDIDATES, BANK_VALID = 'bank_candidates', 'bank_valid'
+COND_EMBEDDING, NEIGHBOUR_COND_EMBEDDING = 'cond_embedding', 'neighbour_cond_embedding'
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  name: str
+  shape: tuple[str, ...]   # symbols of the module docstring; 'S' expands to the sample shape
+  dtype: str
+  producer: str
+  doc: str
+
+
+FIELDS: dict[str, Field] = {f.name: f for f in (
+    Field(IMAGE, ('B', 'S'), 'float32', DATA, 'clean endpoints x0 (pixels in [-1, 1] or latents)'),
+    Field(LABEL, ('B',), 'int32', DATA, 'class labels of the endpoints (also the in-batch '
+          "candidates' labels)"),
+    Field(ID, ('B',), 'int32', DATA, 'dataset position of each row, the identity the '
+          'retrieval index uses: duplicates between candidate sources are removed by it'),
+    Field(NEIGHBOURS, ('B', 'k', 'S'), 'float32', RETRIEVAL, "each row's k retrieved items"),
+    Field(NEIGHBOUR_LABELS, ('B', 'k'), 'int32', RETRIEVAL, 'their labels'),
+    Field(NEIGHBOUR_IDS, ('B', 'k'), 'int32', RETRIEVAL, 'their dataset positions'),
+    Field(T, ('B',), 'float32', NOISE, 'training times, drawn where the query x_t/α_t is formed'),
+    Field(EPS, ('B', 'S'), 'float32', NOISE, 'the noise of x_t, drawn with t'),
+    Field(BANK_CANDIDATES, ('B', 'M', 'S'), 'float32', BANK, "the bank row of each drawn "
+          "pair's label (the global pool for a null label)"),
+    Field(BANK_VALID, ('B', 'M'), 'bool', BANK, 'which slots of that row are filled'),
+    Field(COND_EMBEDDING, ('B', 'E'), 'float32', TEXT, 'caption embedding of each row'),
+    Field(NEIGHBOUR_COND_EMBEDDING, ('B', 'k', 'E'), 'float32', TEXT,
+          "the retrieved items' own caption embeddings"),
+)}
+
+# Producers that run in the data pipeline (their fields cross the host → device boundary).
+PIPELINE_PRODUCERS = (DATA, RETRIEVAL, NOISE, TEXT)
+
+
+def pipeline_draws_noise(config) -> bool:
+  """Whether t and ε come from the pipeline: noisy retrieval needs x_t on the host."""
+  return config.retrieval.mode == 'noisy'
+
+
+def active_producers(config) -> tuple[str, ...]:
+  """The producers a run of `config` has, in pipeline order, then the step's."""
+  active = [DATA]
+  if config.retrieval.mode != 'none':
+    active.append(RETRIEVAL)
+  if pipeline_draws_noise(config):
+    active.append(NOISE)
+  if config.objective.name == 'stablevm':
+    active.append(BANK)
+  return tuple(active)
+
+
+def dims(config) -> dict[str, tuple[int, ...]]:
+  s = config.data.image_size
+  return {'B': (config.global_batch_size,), 'k': (config.retrieval.k,),
+          'M': (config.objective.stablevm.bank_capacity,),
+          'S': (s, s, config.data.channels)}
+
+
+def global_shape(field: Field, config) -> tuple[int, ...]:
+  d = dims(config)
+  return tuple(n for symbol in field.shape for n in d[symbol])
+
+
+def fields_of(producers) -> tuple[Field, ...]:
+  return tuple(f for f in FIELDS.values() if f.producer in producers)
+
+
+def batch_spec(config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Global shapes and dtypes of the fields the data pipeline delivers to the step."""
+  pipeline = [p for p in active_producers(config) if p in PIPELINE_PRODUCERS]
+  return {f.name: (global_shape(f, config), np.dtype(f.dtype)) for f in fields_of(pipeline)}
+
+
+def missing_field_error(name: str, have) -> KeyError:
+  """The error for a batch that lacks a field the config's producers promise."""
+  field = FIELDS[name]
+  return KeyError(f'the batch has no {name!r} field ({field.doc}), which producer '
+                  f'{field.producer!r} should have added for this config; it has '
+                  f'{sorted(have)}. A custom data pipeline must deliver every field of '
+                  'batch_contract.batch_spec(config).')

@@ -1,0 +1,149 @@
+"""The train state and everything derived once from a config and a mesh: the optimizer and
+its schedule, the EMA, the state's layout and shardings, and the objective it trains.
+
+A state is a dict {'step', 'params', 'ema_params', 'opt_state'} (+ 'memory', StableVM's
+bank): new runs, resumed runs and imported checkpoints all build it here, so all have the
+layout the loop restores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from pafm_jax import batch_contract, objectives, sharding
+from pafm_jax.data import pipeline
+from pafm_jax.models import network
+
+LOOP_INTERVALS = ('total_steps', 'log_every_steps', 'checkpoint_every_steps',
+                  'sample_every_steps')
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The loop's cadence: steps, and how often it logs, checkpoints, samples and evaluates."""
+  for field in LOOP_INTERVALS:
+    if config[field] < 1:
+      raise ValueError(f'config.{field} must be ≥ 1, got {config[field]}.')
+  if config.eval.every_steps < 0:
+    raise ValueError(f'config.eval.every_steps must be ≥ 0 (0: no periodic evaluation), got '
+                     f'{config.eval.every_steps}.')
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer and EMA.
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up to a constant rate (SiT trains at a constant 1e-4)."""
+  if opt.warmup_steps > 0:
+    return optax.warmup_constant_schedule(0.0, opt.learning_rate, opt.warmup_steps)
+  return optax.constant_schedule(opt.learning_rate)
+
+
+def make_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(opt.grad_clip),
+      optax.adamw(learning_rate_schedule(opt), b1=opt.b1, b2=opt.b2,
+                  weight_decay=opt.weight_decay))
+
+
+def ema_decay(step: jax.Array, decay: float) -> jax.Array:
+  """EMA decay with warm-up: min(decay, (1 + n)/(10 + n)) at update n (METHOD.md §7).
+
+  Without the warm-up a short run's EMA is still mostly its zero-initialised start.
+  """
+  n = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+
+
+# --------------------------------------------------------------------------------------------
+# The state.
+
+
+def init_state(rng: jax.Array, make_model, tx: optax.GradientTransformation,
+               memory: objectives.MemoryBank | None = None) -> dict:
+  params = nnx.to_pure_dict(nnx.state(make_model(rng), nnx.Param))
+  return state_from_params(params, jax.tree.map(jnp.copy, params), tx, memory=memory)
+
+
+def state_from_params(params: Any, ema_params: Any, tx: optax.GradientTransformation, *,
+                      step: int = 0, memory: objectives.MemoryBank | None = None) -> dict:
+  """The train state around given weights, with a fresh optimizer state (and bank)."""
+  state = {
+      'step': jnp.asarray(step, jnp.int32),
+      'params': params,
+      'ema_params': ema_params,
+      'opt_state': tx.init(params),
+  }
+  if memory is not None:  # StableVM's bank lives (and is checkpointed) with the weights
+    state['memory'] = memory.init()
+  return state
+
+
+def state_shardings(abstract_state: dict, net: network.Network,
+                    tx: optax.GradientTransformation, mesh, rules,
+                    memory: objectives.MemoryBank | None = None) -> dict:
+  """Params, EMA and the optimizer's per-parameter moments sharded by the logical rules."""
+  replicated = NamedSharding(mesh, P())
+  params = sharding.tree_shardings(abstract_state['params'], net.logical_axes, mesh, rules)
+  opt_state = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_state['opt_state'], params,
+      transform_non_params=lambda _: replicated)
+  out = {'step': replicated, 'params': params, 'ema_params': params, 'opt_state': opt_state}
+  if memory is not None:
+    out['memory'] = sharding.tree_shardings(abstract_state['memory'], memory.logical_axes(),
+                                            mesh, rules)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """Everything the step needs, derived once from the config and the mesh."""
+  config: ml_collections.ConfigDict
+  mesh: Any
+  net: network.Network
+  tx: optax.GradientTransformation
+  init_fn: Callable[[jax.Array], dict]
+  abstract_state: dict
+  state_shardings: dict
+  batch_spec: dict
+  rules: tuple
+  objective: objectives.Objective
+
+  @classmethod
+  def create(cls, config: ml_collections.ConfigDict, mesh) -> 'TrainSetup':
+    net = network.build_network(config)
+    tx = make_optimizer(config.optimizer)
+    class_sizes = None
+    if config.objective.name == 'pafm' and config.objective.pafm.stratified:
+      class_sizes = pipeline.class_sizes(config.data)
+    objective = objectives.make_objective(config, class_sizes)
+    init_fn = functools.partial(init_state, make_model=network.model_factory(config), tx=tx,
+                                memory=objective.memory)
+    abstract_state = jax.eval_shape(init_fn, jax.random.key(config.seed))
+    rules = tuple(config.logical_axis_rules)
+    shardings = state_shardings(abstract_state, net, tx, mesh, rules, objective.memory)
+    return cls(config, mesh, net, tx, init_fn, abstract_state, shardings,
+               batch_contract.batch_spec(config), rules, objective)
+
+  def init(self) -> dict:
+    """Initialised under jit straight into its shards: no full copy on any one device."""
+    return jax.jit(self.init_fn, out_shardings=self.state_shardings)(
+        jax.random.key(self.config.seed))
+
+  def sharded_abstract_state(self) -> dict:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self.abstract_state, self.state_shardings)
+
+  def abstract_batch(self) -> dict:
+    return {k: jax.ShapeDtypeStruct(shape, dtype,
+                                    sharding=sharding.batch_sharding(self.mesh, len(shape)))
+            for k, (shape, dtype) in self.batch_spec.items()}
