@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def _run(repo, workdir, tfds_dir, *extra):
   cmd = [sys.executable, '-m', 'pafm_jax.main', '--config=configs/fmnist_sit.py',
@@ -16,6 +18,7 @@ def _run(repo, workdir, tfds_dir, *extra):
   return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_trains_checkpoints_and_does_nothing_when_finished(fmnist_tfds_dir, tmp_path):
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   workdir = tmp_path / 'run'

@@ -88,6 +88,7 @@ def test_every_config_field_the_code_reads_is_declared_in_base():
   assert declared.data.read_threads == 2 and declared.data.shuffle_seed == -1
 
 
+@pytest.mark.slow
 def test_resume_with_another_retrieval_index_is_reported(fmnist_tfds_dir, tmp_path):
   """The index's content hash is recorded in each checkpoint: resuming over an index with the
   same config but other content (a differently built copy) stops with a message, where it

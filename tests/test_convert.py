@@ -418,6 +418,7 @@ def with_params(model, params):
   return model
 
 
+@pytest.mark.slow
 def test_import_finetune_sample_end_to_end(fmnist_tfds_dir, tmp_path, ref):
   config = p4_config(fmnist_tfds_dir)
   workdir = str(tmp_path / 'run')

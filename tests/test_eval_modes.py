@@ -12,6 +12,9 @@ from pafm_jax.evaluation import classifier, runner
 from tests.test_train import tiny_config
 
 
+pytestmark = pytest.mark.slow  # trains, or spawns processes
+
+
 @pytest.fixture(scope='module')
 def tiny_run(fmnist_tfds_dir, tmp_path_factory):
   """A quickly trained classifier and a 2-step SiT run evaluated in its loop."""

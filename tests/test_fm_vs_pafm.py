@@ -187,6 +187,7 @@ def test_interrupted_evaluation_resumes_at_the_missing_checkpoints(tmp_path, mon
 # ------------------------------------------------------------------------ a real run
 
 
+@pytest.mark.slow
 def test_tiny_sweep_end_to_end(fmnist_tfds_dir, tmp_path):
   """FM and stratified PAFM (exact retrieval), one seed, 2 steps: real training,
   checkpoints 1 and 2 scored."""

@@ -39,6 +39,7 @@ def random_model():
   return inception.load_weights(weights)
 
 
+@pytest.mark.slow
 def test_forward_matches_pytorch(random_model):
   """Features (pool_3) and logits equal torch's on upsampled and downsampled inputs."""
   for tag, images in zip(('small', 'large'), ref.reference_inputs()):

@@ -15,9 +15,13 @@ import textwrap
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from pafm_jax import train
 from tests.test_train import tiny_config
+
+pytestmark = pytest.mark.slow  # trains, or spawns processes
+
 
 WORKER = textwrap.dedent('''
     import os, sys

@@ -18,7 +18,7 @@ from configs import fmnist_sit
 from pafm_jax import objectives, paths, posterior
 from pafm_jax.retrieval import stage as retrieval_stage
 from pafm_jax.data import pipeline
-from pafm_jax.retrieval import dataset_index, stage
+from pafm_jax.retrieval import dataset_index
 from pafm_jax.retrieval import index as index_lib
 from pafm_jax.retrieval import keys as keys_lib
 from tests.test_train import apply_overrides
@@ -131,6 +131,7 @@ def test_noisy_neighbours_are_the_highest_likelihood_candidates(fmnist):
     assert overlap >= 0.99, (t_val, overlap)  # float32 ties at most
 
 
+@pytest.mark.slow
 def test_scann_recall_on_fashion_mnist_keys(built, fmnist):
   """ScaNN recall@16 against exact search ≥ 0.95, for clean queries (x0) and noisy posterior
   queries x_t/α_t at t ≤ 0.7, where retrieval carries the posterior mass."""
@@ -150,6 +151,7 @@ def test_scann_recall_on_fashion_mnist_keys(built, fmnist):
     assert recall >= 0.95, (t_val, recall)
 
 
+@pytest.mark.slow
 def test_moved_index_gives_the_same_results(built, fmnist, tmp_path):
   config, workdir = built
   images, labels = fmnist
@@ -171,6 +173,7 @@ def test_moved_index_gives_the_same_results(built, fmnist, tmp_path):
   np.testing.assert_array_equal(after, before)
 
 
+@pytest.mark.slow
 def test_exact_backend_is_exact(fmnist_tfds_dir, fmnist, tmp_path):
   config = retrieval_config(fmnist_tfds_dir, **{'retrieval.backend': 'exact',
                                                  'retrieval.mode': 'clean'})
@@ -192,6 +195,7 @@ def make_iterator(config, workdir, process_index=0, process_count=1, worker_coun
       process_count=process_count, seed=5, extra_stage=factory)
 
 
+@pytest.mark.slow
 def test_stage_attaches_the_right_neighbours(built, fmnist):
   config, workdir = built
   images, labels = fmnist
@@ -212,6 +216,7 @@ def test_stage_attaches_the_right_neighbours(built, fmnist):
   assert recall >= 0.95
 
 
+@pytest.mark.slow
 def test_stage_is_deterministic_resumable_and_process_independent(built):
   config, workdir = built
   first = make_iterator(config, workdir)
@@ -238,6 +243,7 @@ def test_stage_is_deterministic_resumable_and_process_independent(built):
     np.testing.assert_array_equal(np.concatenate([h[field] for h in halves]), stream[0][field])
 
 
+@pytest.mark.slow
 def test_stage_runs_in_worker_processes(built):
   config, workdir = built
   inproc = make_iterator(config, workdir)
@@ -270,6 +276,7 @@ def test_host_noise_follows_the_training_laws():
 # ------------------------------------------------------------------------------ bad input
 
 
+@pytest.mark.slow
 def test_mismatched_index_names_the_build_command(built, fmnist_tfds_dir):
   config, workdir = built
   for override in ({'retrieval.key': 'avg_pool'}, {'data.split': 'test'},
@@ -296,6 +303,7 @@ def test_k_larger_than_a_class(fmnist_tfds_dir, tmp_path):
   assert not os.listdir(tmp_path)  # nothing half-written
 
 
+@pytest.mark.slow
 def test_corrupted_index_file_is_named(built, tmp_path):
   config, workdir = built
   moved = str(tmp_path / 'index')

@@ -219,6 +219,7 @@ def test_unknown_sampler_and_missing_null_label_raise():
 # ---------------------------------------------------------------------------- sharding
 
 
+@pytest.mark.slow
 def test_sharded_sampler_equals_one_device_sampler():
   """A SiT sample with the batch split over 8 devices equals the one-device sample."""
   config = fmnist_sit.get_config()

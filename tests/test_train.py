@@ -104,6 +104,7 @@ def _run_steps(config, mesh, batches):
   return state, losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('objective', ['fm', 'pafm', 'stablevm'])
 def test_sharded_step_matches_single_device(fmnist_tfds_dir, objective):
   """(data=2, fsdp=4) on 8 devices gives the loss and params of the 1-device step.
@@ -142,6 +143,7 @@ def test_sharded_step_matches_single_device(fmnist_tfds_dir, objective):
     assert {s.data.shape[1] for s in images.addressable_shards} == {1}
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_fp32_state_and_tracks_fp32_loss(fmnist_tfds_dir):
   config = tiny_config(fmnist_tfds_dir)
   it = pipeline.create_train_iterator(config.data, local_batch_size=16, process_index=0,
@@ -165,6 +167,7 @@ def test_flatten_config_for_hparams():
 # ---------------------------------------------------------------------------- the loop
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('objective', ['pafm', 'stablevm', 'pafm_noisy_retrieval'])
 def test_resume_is_bit_identical(fmnist_tfds_dir, tmp_path, objective):
   """N steps, stop, resume to 2N == 2N uninterrupted: params, StableVM's bank, data stream
@@ -209,6 +212,7 @@ def test_resume_is_bit_identical(fmnist_tfds_dir, tmp_path, objective):
   assert again['metrics'] == {}
 
 
+@pytest.mark.slow
 def test_checkpoint_params_restore_as_plain_arrays(fmnist_tfds_dir, tmp_path):
   config = tiny_config(fmnist_tfds_dir, total_steps=2)
   out = train.train_and_evaluate(config, str(tmp_path))

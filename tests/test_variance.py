@@ -4,8 +4,13 @@ The truth is the exact empirical marginal u*, computed by brute force over every
 of the class (its correctness against a float64 numpy posterior is tested in test_posterior).
 """
 
+import pytest
+
 from configs import fmnist_sit
 from pafm_jax.tools import variance
+
+
+pytestmark = pytest.mark.slow  # trains, or spawns processes
 
 
 def test_variance_curves_reproduce_the_method_ordering(fmnist_tfds_dir):

@@ -57,6 +57,8 @@ from typing import Any
 import grain
 import numpy as np
 
+from pafm_jax import batch_contract as fields
+
 
 DEFAULT_TFDS_DIR = "~/.cache/pafm_jax/tfds"
 TFDS_DIR_ENV = "PAFM_TFDS_DIR"
@@ -290,7 +292,7 @@ class _ReadBatch:
     labels = np.asarray([r["label"] for r in records], dtype=np.int32)
     # A row's identity is its position in the source, whatever ids the records carry: the
     # retrieval index stores positions, and duplicate removal compares the two.
-    return {"image": images, "label": labels, "id": indices}
+    return {fields.IMAGE: images, fields.LABEL: labels, fields.ID: indices}
 
 
 def batch_reader(source, image_shape: tuple[int, int, int] | None):
