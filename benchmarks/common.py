@@ -16,7 +16,8 @@ def step_flops(config) -> float:
   analysis of the lowered program.
   """
   mesh = sharding.create_mesh({'data': 1, 'fsdp': 1}, jax.devices('cpu')[:1])
-  return float(train.lower_step(train_state.TrainSetup.create(config, mesh)).cost_analysis()['flops'])
+  setup = train_state.TrainSetup.create(config, mesh)
+  return float(train.lower_step(setup).cost_analysis()['flops'])
 
 
 def step_cost(config, compiled) -> dict[str, float]:

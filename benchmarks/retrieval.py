@@ -22,8 +22,8 @@ against the train step on Fashion-MNIST.
     search on the same keys, the recall the key itself allows (exact on keys vs full), and
     the speed of ScaNN against exact on the keys and against the streamed full-dim search.
 (b) configs/fmnist_sit.py with PAFM over batch + 16 noisy retrieved neighbours (stratified,
-    ScaNN index built into --workdir, or a temporary one, by train.neighbour_stage): for each
-    data.worker_count in --worker_counts, in alternating rounds, (1) batches/s that the
+    ScaNN index built into --workdir, or a temporary one, by retrieval.stage.stage_factory):
+    for each data.worker_count in --worker_counts, in alternating rounds, (1) batches/s that the
     pipeline delivers alone, (2) steps/s of the compiled train step alone on a fixed batch from
     the same iterator, (3) the train loop as train.train_and_evaluate runs it (next(iterator),
     dispatch step N, wait for step N − 1), with its share of time in next() (the loop's logged

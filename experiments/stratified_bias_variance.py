@@ -1,9 +1,9 @@
 """Bias² and variance of FM, in-batch PAFM and stratified PAFM against the exact marginal velocity.
 
 Run from the repository root: .venv/bin/python -m experiments.stratified_bias_variance
-Prints a markdown table (also written to stratified_bias_variance.md in the working directory). The machinery (synthetic
-dataset, exact float64 truth, sampling of training batches given x_t) is that of
-tests/test_stratified.py; see its module docstring.
+Prints a markdown table (also written to stratified_bias_variance.md in the working
+directory). The machinery (synthetic dataset, exact float64 truth, sampling of training
+batches given x_t) is that of tests/test_stratified.py; see its module docstring.
 """
 import os
 import sys

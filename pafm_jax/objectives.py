@@ -10,7 +10,7 @@ target. Every target is a configuration of the one posterior-mean estimator of
   StableVM  a per-class FIFO memory bank, SNIS for t ≥ 0.5, FM below   (§4)
 
 StableVM also owns state (its bank), which the one train step carries in `state['memory']`;
-`Objective.prepare` is its hook into the step.
+`Objective.prepare` is its hook into the step (push the data batch, draw the training pairs).
 """
 
 from __future__ import annotations
@@ -192,10 +192,16 @@ OBJECTIVES = ('fm', 'pafm', 'stablevm')
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-  """What the train step needs of an objective: its target and, for StableVM, its bank."""
+  """What the train step needs of an objective: its target and, for StableVM, its bank.
+
+  prepare(memory, batch, rng, null_prob) → (memory, batch): run by the step before the loss
+  when the objective keeps state (`memory` describes it); the batch it returns replaces the
+  data batch.
+  """
   name: str
   target: Callable
   memory: MemoryBank | None = None
+  prepare: Callable | None = None
 
 
 def check_config(config) -> None:
@@ -267,7 +273,8 @@ def make_objective(config, class_sizes=None) -> Objective:
                     (config.data.image_size, config.data.image_size, config.data.channels),
                     jnp.dtype(s.bank_dtype))
   return Objective('stablevm', functools.partial(stablevm_target, t_min=s.t_min,
-                                                 temperature=s.temperature), bank)
+                                                 temperature=s.temperature), bank,
+                   functools.partial(bank_training_batch, bank))
 
 
 def _field(batch: dict, name: str) -> jax.Array:

@@ -45,24 +45,24 @@ def make_train_step(config: ml_collections.ConfigDict, net: network.Network,
   path = paths.get_path(config.objective.path)
   schedule = train_state.learning_rate_schedule(config.optimizer)
   base_key = jax.random.key(config.seed)
-  bank = objective.memory
+  prepare = objective.prepare
   loss_fn = functools.partial(
       objectives.velocity_loss, net.apply, path=path, target_fn=objective.target,
       t_sampling=config.objective.t_sampling,
       # StableVM draws its labels, nulls included, from the bank.
-      label_drop=0.0 if bank is not None else config.objective.label_drop,
+      label_drop=0.0 if prepare is not None else config.objective.label_drop,
       null_label=net.null_label,
-      # The bank replaces the batch by pairs drawn from it, which the pipeline's noise is not for.
-      noise_from_batch=batch_contract.pipeline_draws_noise(config) and bank is None)
+      # `prepare` replaces the batch (by pairs drawn from the bank): the pipeline's noise was
+      # drawn for the data batch, not for them.
+      noise_from_batch=batch_contract.pipeline_draws_noise(config) and prepare is None)
 
   def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
     # Randomness is a function of (seed, step) only, so a resumed run draws the same numbers.
     rng = jax.random.fold_in(base_key, state['step'])
     new_state = {}
-    if bank is not None:
-      new_state['memory'], batch = objectives.bank_training_batch(
-          bank, state['memory'], batch, jax.random.fold_in(rng, 1),
-          config.objective.label_drop)
+    if prepare is not None:
+      new_state['memory'], batch = prepare(state['memory'], batch, jax.random.fold_in(rng, 1),
+                                           config.objective.label_drop)
     (loss, aux), grads = jax.value_and_grad(
         lambda p: loss_fn(p, batch, rng), has_aux=True)(state['params'])
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
