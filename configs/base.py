@@ -97,6 +97,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.prefetch_buffer_size = 2
   c.data.read_threads = 2        # threads reading batches in each process
   c.data.shuffle_seed = -1       # seed of the example order; -1 = config.seed
+  # A class-balanced subset of the training split (the data-limited regime): this many examples
+  # of each class, chosen by subset_seed; 0 = the whole split.
+  c.data.subset_per_class = 0
+  c.data.subset_seed = 0
 
   # Sampling (pafm_jax/sampling; README "Sampling"): sample grids during training, --mode=sample
   # and the samples of --mode=eval.
@@ -132,6 +136,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.reference_stats = ''      # ADM-style .npz (mu, sigma or arr_0) for 'inception'
   c.eval.decoder = ''              # 'module:function' mapping latents to images in [-1, 1]
   c.eval.pr_neighbours = 3         # k of the k-NN manifolds (Kynkäänniemi et al. 2019)
+  c.eval.fd_bootstrap = 0          # resamples of FD's sampling-noise floor (0: not computed)
   c.eval.memorization = True       # nearest / second-nearest training image distance ratio
   c.eval.memorization_threshold = 1 / 3
   c.eval.memorization_max_train = 0  # 0: the whole train split

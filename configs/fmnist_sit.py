@@ -2,8 +2,8 @@
 
   python -m pafm_jax.main --config=configs/fmnist_sit.py --workdir=runs/fmnist_sit
 
-Trains in about 12 minutes on 2 CPU cores; see README.md for the measured speed, final loss
-and the sample grid it produces.
+Trains in 13–23 minutes on 2 CPU cores (machines of this kind differ); see README.md for the
+measured speed, final loss and the sample grid it produces.
 """
 
 from configs import base

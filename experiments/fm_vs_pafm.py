@@ -42,6 +42,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 from pafm_jax import checkpointing, config_checks, logs, train, train_state
+from pafm_jax.evaluation import statistics
 
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,6 +63,7 @@ METHODS: dict[str, dict[str, Any]] = {
 # (key in the metrics, column title, format, better) for the tables.
 METRICS = (
     ('fd', 'FD ↓', '.2f'),
+    ('fd_noise_std', 'FD noise sd', '.2f'),
     ('accuracy', 'accuracy ↑', '.3f'),
     ('precision', 'precision ↑', '.3f'),
     ('recall', 'recall ↑', '.3f'),
@@ -71,6 +73,8 @@ METRICS = (
 # Every seed's checkpoints are sampled from this one noise stream, so the FD differences
 # between methods and between steps are not sampling noise.
 EVAL_STREAM = 0xE7A1
+# Resamples of each evaluation's FD noise floor (pafm_jax/evaluation/statistics.py).
+FD_BOOTSTRAP = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +167,7 @@ def run_config(base: ml_collections.ConfigDict, method: str, seed: int,
   config.eval.every_steps = 0                # evaluated here, after training
   config.eval.num_samples = budget.eval_samples
   config.eval.memorization_max_train = budget.memorization_max_train
+  config.eval.fd_bootstrap = FD_BOOTSTRAP
   config.sample.method = budget.sampler
   config.sample.num_steps = budget.sampler_steps
   return config
@@ -204,16 +209,17 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, dict[str, dict]]]:
 
 def paired_differences(runs: list[dict], metric: str, baseline: str,
                        step: str) -> dict[str, dict]:
-  """{method: mean_std of metric(method, seed) − metric(baseline, seed)} over shared seeds."""
+  """{method: statistics.paired_difference of metric(method, seed) − metric(baseline, seed)}
+  over shared seeds: mean, std (ddof = 1) and the 95 % Student-t interval of the mean."""
   base = {r['seed']: r['metrics'][step][metric] for r in runs if r['method'] == baseline}
   out = {}
   for method in dict.fromkeys(r['method'] for r in runs):
     if method == baseline:
       continue
-    diffs = [r['metrics'][step][metric] - base[r['seed']]
+    pairs = [(r['metrics'][step][metric], base[r['seed']])
              for r in runs if r['method'] == method and r['seed'] in base]
-    if diffs:
-      out[method] = mean_std(diffs)
+    if pairs:
+      out[method] = statistics.paired_difference(*zip(*pairs))
   return out
 
 
@@ -222,7 +228,10 @@ def _pm(stat: dict | None, fmt: str) -> str:
     return '—'
   if stat['std'] is None:
     return f'{stat["mean"]:{fmt}}'
-  return f'{stat["mean"]:{fmt}} ± {stat["std"]:{fmt.lstrip("+")}}'
+  text = f'{stat["mean"]:{fmt}} ± {stat["std"]:{fmt.lstrip("+")}}'
+  if stat.get('low') is not None:  # a paired difference: its 95 % interval
+    text += f' [{stat["low"]:{fmt}}, {stat["high"]:{fmt}}]'
+  return text
 
 
 def markdown(results: dict) -> str:
@@ -241,7 +250,8 @@ def markdown(results: dict) -> str:
   paired = {}
   if 'fm' in summary:
     paired = paired_differences(runs, 'fd', 'fm', last)
-  head = ['method'] + [m[1] for m in METRICS] + (['FD − FM, paired by seed'] if paired else [])
+  head = ['method'] + [m[1] for m in METRICS] + (
+      ['FD − FM, paired by seed ± std [95 % CI]'] if paired else [])
   head += ['seeds', 'train s/run']
   lines += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for method, by_step in summary.items():

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from pafm_jax import objectives, paths, sampling, sharding, train_state
+from pafm_jax import evaluation, objectives, paths, sampling, sharding, train_state
 from pafm_jax.data import pipeline
 from pafm_jax.models import network
 from pafm_jax.retrieval import dataset_index
@@ -21,6 +21,7 @@ SUBSYSTEM_CHECKS = (
     ('objective', objectives.check_config),
     ('retrieval', dataset_index.check_config),
     ('sampling', sampling.check_config),
+    ('evaluation', evaluation.check_config),
     ('loop', train_state.check_config),
 )
 

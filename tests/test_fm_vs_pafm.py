@@ -203,9 +203,11 @@ def test_tiny_sweep_end_to_end(fmnist_tfds_dir, tmp_path):
                       log=lambda _: None)
   for run in results['runs']:
     assert set(run['metrics']) == {'1', '2'}
-    assert set(run['metrics']['2']) == {'fd', 'accuracy', 'precision', 'recall',
-                                        'memorized_fraction', 'nn_ratio_median', 'nfe'}
+    assert set(run['metrics']['2']) == {'fd', 'fd_noise_std', 'accuracy', 'precision',
+                                        'recall', 'memorized_fraction', 'nn_ratio_median',
+                                        'nfe'}
     assert run['metrics']['2']['nfe'] == 2.0
+    assert 0 < run['metrics']['2']['fd_noise_std'] < run['metrics']['2']['fd']
   # One seed fixes the initialisation and the sampling noise, and the warm-up's learning rate
   # is 0 at the first step: after it both methods still hold the initial weights and must
   # score identically. After the second they have trained on different targets.

@@ -83,6 +83,8 @@ __all__ = [
   "validate_data_config",
   "class_sizes",
   "load_arrays",
+  "ClassBalancedSubset",
+  "subset_positions",
 ]
 
 
@@ -144,6 +146,7 @@ def validate_data_config(
     "config.data.prefetch_buffer_size", _get(data_config, "prefetch_buffer_size", 2), 0
   )
   _check_int("config.data.read_threads", _get(data_config, "read_threads", DEFAULT_READ_THREADS), 1)
+  _check_int("config.data.subset_per_class", _get(data_config, "subset_per_class", 0), 0)
   for field in ("image_size", "channels", "num_classes"):
     if _get(data_config, field) is not None:
       _check_int(f"config.data.{field}", _get(data_config, field), 1)
@@ -188,10 +191,81 @@ def load_source(data_config: Any, split: str | None = None) -> Sequence[dict[str
 
   ``fashion_mnist`` is built from the IDX files into ``tfds_dir`` on first use
   (see :mod:`pafm_jax.data.fashion_mnist`).  Any other ``data.name`` must be a
-  TFDS dataset already prepared as array_record under ``tfds_dir``.
+  TFDS dataset already prepared as array_record under ``tfds_dir``.  With
+  ``data.subset_per_class`` > 0 the training split (``data.split``) is the
+  class-balanced subset of :class:`ClassBalancedSubset`, for every reader alike
+  (pipeline, retrieval index, class sizes, memorisation); other splits are whole.
   """
-  name = _get(data_config, "name")
   split = split or _get(data_config, "split", "train")
+  source = _load_whole_source(data_config, split)
+  per_class = int(_get(data_config, "subset_per_class", 0) or 0)
+  if per_class > 0 and split == _get(data_config, "split", "train"):
+    source = ClassBalancedSubset(
+      source, subset_positions(source_labels(source), per_class,
+                               int(_get(data_config, "subset_seed", 0)),
+                               int(_get(data_config, "num_classes"))))
+  return source
+
+
+# Examples per read when a whole split's labels are collected.
+LABEL_CHUNK = 8192
+
+
+def source_labels(source) -> np.ndarray:
+  """int64 [N]: the label of every example of a random-access source, in order."""
+  labels = np.zeros(len(source), np.int64)
+  getitems = getattr(source, "__getitems__", None)
+  for start in range(0, len(source), LABEL_CHUNK):
+    idx = list(range(start, min(len(source), start + LABEL_CHUNK)))
+    records = getitems(idx) if getitems is not None else [source[i] for i in idx]
+    labels[start:start + len(idx)] = [r["label"] for r in records]
+  return labels
+
+
+def subset_positions(labels: np.ndarray, per_class: int, seed: int,
+                     num_classes: int) -> np.ndarray:
+  """int64 ascending positions of ``per_class`` examples of every class: for class c, the
+  first ``per_class`` of its positions in an order drawn from (seed, c). Deterministic, and
+  nested: a larger subset of the same seed contains the smaller one."""
+  labels = np.asarray(labels)
+  chosen = []
+  for c in range(num_classes):
+    members = np.flatnonzero(labels == c)
+    if len(members) < per_class:
+      raise ValueError(
+        f"config.data.subset_per_class={per_class} but class {c} has only {len(members)} "
+        "examples; lower it (0: the whole split).")
+    order = np.random.default_rng([int(seed), c, 0x5B5E7]).permutation(len(members))
+    chosen.append(members[order[:per_class]])
+  return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+class ClassBalancedSubset:
+  """A random-access view of a source holding only the examples at ``positions``.
+
+  Example i of the view is example ``positions[i]`` of the source: positions in the view are
+  the rows' identities (the 'id' batch field, the retrieval index's ids). Picklable, so Grain
+  worker processes read through it too.
+  """
+
+  def __init__(self, source, positions: np.ndarray):
+    self.source = source
+    self.positions = np.asarray(positions, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.positions)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    return self.source[int(self.positions[i])]
+
+  def __getitems__(self, indices) -> list[dict[str, Any]]:
+    outer = [int(self.positions[i]) for i in indices]
+    getitems = getattr(self.source, "__getitems__", None)
+    return getitems(outer) if getitems is not None else [self.source[i] for i in outer]
+
+
+def _load_whole_source(data_config: Any, split: str) -> Sequence[dict[str, Any]]:
+  name = _get(data_config, "name")
   tfds_dir = resolve_tfds_dir(data_config)
   if name == FASHION_MNIST:
     from pafm_jax.data import fashion_mnist  # pylint: disable=g-import-not-at-top
@@ -231,10 +305,14 @@ def class_sizes(data_config: Any, split: str | None = None) -> np.ndarray:
 
   Read from the dataset's TFDS metadata (``metadata['class_sizes'][split]``), which the
   stratified PAFM estimator needs; the Fashion-MNIST builder writes it, and a dataset
-  prepared elsewhere must store it the same way.
+  prepared elsewhere must store it the same way. A class-balanced training subset
+  (``data.subset_per_class``) has ``subset_per_class`` of each class.
   """
   name = _get(data_config, "name")
   split = split or _get(data_config, "split", "train")
+  per_class = int(_get(data_config, "subset_per_class", 0) or 0)
+  if per_class > 0 and split == _get(data_config, "split", "train"):
+    return np.full(int(_get(data_config, "num_classes")), per_class, np.int64)
   tfds_dir = resolve_tfds_dir(data_config)
   if name == FASHION_MNIST:
     from pafm_jax.data import fashion_mnist  # pylint: disable=g-import-not-at-top

@@ -7,6 +7,8 @@ draws config.eval.num_samples class-balanced samples and returns the metrics:
 
   fd                 Fréchet distance in the extractor's features (domain classifier or
                      Inception-v3 pool features, i.e. FID) against the reference split
+  fd_noise_std       with config.eval.fd_bootstrap > 0: FD's bootstrap std over resampled
+                     sample sets, the floor below which an FD difference is sampling noise
   accuracy           the domain classifier's accuracy on the samples' own labels
   precision, recall  k-NN manifolds in the same features (Kynkäänniemi et al. 2019)
   memorized_fraction share of samples whose nearest/second-nearest training-image distance
@@ -31,7 +33,7 @@ import numpy as np
 
 from pafm_jax import checkpointing, config_checks, sampling, train_state
 from pafm_jax.evaluation import classifier as classifier_lib
-from pafm_jax.evaluation import frechet, manifold, memorization
+from pafm_jax.evaluation import frechet, manifold, memorization, statistics
 from pafm_jax.models import network
 from pafm_jax.sampling import generate as generate_lib
 from pafm_jax.sampling import grids
@@ -171,6 +173,9 @@ def compute_metrics(config: ml_collections.ConfigDict, images: np.ndarray, label
   feats, logits = extractor(images)
   mu, sigma = frechet.gaussian_statistics(feats)
   metrics = {'fd': frechet.frechet_distance(mu, sigma, reference.mu, reference.sigma)}
+  if config.eval.fd_bootstrap:
+    metrics['fd_noise_std'] = statistics.fd_noise_floor(
+        feats, reference.mu, reference.sigma, num_resamples=config.eval.fd_bootstrap)['std']
   if logits is not None:
     metrics['accuracy'] = float(np.mean(np.argmax(logits, -1) == labels))
   if reference.features is not None:
@@ -261,7 +266,8 @@ def format_table(result: dict[str, Any]) -> str:
           ('samples', str(result['num_samples'])),
           ('sampler', result['sampler_tag']),
           ('features', f'{result["features"]["kind"]} ({result["features"]["fingerprint"]})')]
-  names = {'fd': 'Fréchet distance', 'accuracy': 'conditional accuracy',
+  names = {'fd': 'Fréchet distance', 'fd_noise_std': 'FD sampling noise (bootstrap sd)',
+           'accuracy': 'conditional accuracy',
            'precision': 'precision (k-NN)', 'recall': 'recall (k-NN)',
            'memorized_fraction': 'memorised (NN ratio < 1/3)',
            'nn_ratio_median': 'median NN ratio', 'nfe': 'NFE per sample'}
