@@ -59,6 +59,10 @@ def test_every_reader_of_the_training_split_sees_the_subset(fmnist_tfds_dir, tmp
   assert index.metadata['num_items'] == 300
   assert index.metadata['partition_sizes'] == [30] * 10
 
+  # What belongs to the dataset (domain classifier, reference statistics) reads whole splits.
+  assert len(pipeline.load_source(pipeline.whole_split(config.data))) == 60_000
+  assert config.data.subset_per_class == 30
+
   # The test split is whole: the subset is drawn from the training split alone.
   test = pipeline.load_source(config.data, 'test')
   assert len(test) == 10_000 and not isinstance(test, pipeline.ClassBalancedSubset)

@@ -85,6 +85,7 @@ __all__ = [
   "load_arrays",
   "ClassBalancedSubset",
   "subset_positions",
+  "whole_split",
 ]
 
 
@@ -205,6 +206,15 @@ def load_source(data_config: Any, split: str | None = None) -> Sequence[dict[str
                                int(_get(data_config, "subset_seed", 0)),
                                int(_get(data_config, "num_classes"))))
   return source
+
+
+def whole_split(data_config: Any) -> Any:
+  """A copy of config.data without the training subset: what belongs to the dataset rather
+  than to a run (the domain classifier, reference statistics) is built from whole splits."""
+  whole = data_config.copy_and_resolve_references()
+  if "subset_per_class" in whole:
+    whole.subset_per_class = 0
+  return whole
 
 
 # Examples per read when a whole split's labels are collected.

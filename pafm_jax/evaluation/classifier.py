@@ -135,8 +135,11 @@ def train(config: ml_collections.ConfigDict, directory: str | None = None, *,
   directory = epath.Path(directory or default_directory(config))
   arch = architecture(config.data)
   t0 = time.time()
-  train_x, train_y = load_split(config.data, 'train')
-  test_x, test_y = load_split(config.data, 'test')
+  # The classifier belongs to the dataset: every run, on a training subset or not, is scored
+  # in the features of one classifier trained on the whole split.
+  data = pipeline.whole_split(config.data)
+  train_x, train_y = load_split(data, 'train')
+  test_x, test_y = load_split(data, 'test')
   logging.info('classifier data: %d train, %d test images (%.1f s)', len(train_x), len(test_x),
                time.time() - t0)
 

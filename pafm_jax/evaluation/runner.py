@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from pafm_jax import checkpointing, config_checks, sampling, train_state
+from pafm_jax.data import pipeline
 from pafm_jax.evaluation import classifier as classifier_lib
 from pafm_jax.evaluation import frechet, manifold, memorization, statistics
 from pafm_jax.models import network
@@ -129,7 +130,9 @@ def reference_statistics(config: ml_collections.ConfigDict,
       data = np.load(f)
       return Reference(data['mu'], data['sigma'], data['features'], str(cache))
   logging.info('computing reference statistics of the %s split (cached at %s)', split, cache)
-  images, labels = classifier_lib.load_split(config.data, split)
+  # Reference statistics are the dataset's (the cache is shared by every run of it): from the
+  # whole split, also for a run that trains on a subset of it.
+  images, labels = classifier_lib.load_split(pipeline.whole_split(config.data), split)
   clf_info = classifier_lib.load(directory).info
   recorded = clf_info.get(f'{split}_digest')
   if recorded is not None and recorded != classifier_lib.digest(images, labels):
