@@ -133,6 +133,7 @@ def _retrieval_config(tfds_dir, **overrides):
   return apply_overrides(c, overrides)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', ['none', 'noisy'])
 def test_the_pipeline_delivers_exactly_the_contract(fmnist_tfds_dir, tmp_path, mode):
   """A real pipeline (with the retrieval stage in noisy mode) yields every field of

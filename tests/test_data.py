@@ -229,6 +229,7 @@ def test_neighbouring_seeds_do_not_replay_each_others_epochs():
   assert not np.array_equal(s0[1], s1[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('process_count', [2, 3])
 def test_process_shards_partition_each_epoch(process_count):
   b = 500
@@ -259,6 +260,7 @@ def test_global_batch_does_not_depend_on_process_count():
       np.testing.assert_array_equal(np.concatenate([d[k] for d in parts]), single[k])
 
 
+@pytest.mark.slow
 def test_uneven_process_count_gives_equal_disjoint_shards():
   process_count, b = 7, 1000  # 60000 // 7 = 8571 per process -> 8 batches per epoch
   shards = []

@@ -295,6 +295,7 @@ def test_missing_index_without_auto_build(fmnist_tfds_dir, tmp_path):
   assert not os.listdir(tmp_path)
 
 
+@pytest.mark.slow
 def test_k_larger_than_a_class(fmnist_tfds_dir, tmp_path):
   config = retrieval_config(fmnist_tfds_dir, **{'retrieval.k': 6001,
                                                  'retrieval.backend': 'exact'})

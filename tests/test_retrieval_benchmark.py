@@ -17,6 +17,7 @@ def test_dct_rows_are_scipys_orthonormal_dct():
   np.testing.assert_allclose(bench.dct_rows(32, 8), want, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind,n', [('flat', 9000), ('latent', 5000)])
 def test_stream_is_a_function_of_seed_and_item(kind, n):
   def make(seed):

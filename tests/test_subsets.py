@@ -35,6 +35,7 @@ def _config(tfds_dir, **overrides):
   return apply_overrides(c, overrides)
 
 
+@pytest.mark.slow
 def test_every_reader_of_the_training_split_sees_the_subset(fmnist_tfds_dir, tmp_path):
   config = _config(fmnist_tfds_dir)
   whole = pipeline.load_source(apply_overrides(config.copy_and_resolve_references(),
@@ -68,6 +69,7 @@ def test_every_reader_of_the_training_split_sees_the_subset(fmnist_tfds_dir, tmp
   assert len(test) == 10_000 and not isinstance(test, pipeline.ClassBalancedSubset)
 
 
+@pytest.mark.slow
 def test_a_subset_larger_than_a_class_is_refused(fmnist_tfds_dir):
   with pytest.raises(ValueError, match='subset_per_class'):
     pipeline.load_source(_config(fmnist_tfds_dir, **{'data.subset_per_class': 7_000}).data)
