@@ -199,13 +199,20 @@ def load_source(data_config: Any, split: str | None = None) -> Sequence[dict[str
   """
   split = split or _get(data_config, "split", "train")
   source = _load_whole_source(data_config, split)
-  per_class = int(_get(data_config, "subset_per_class", 0) or 0)
-  if per_class > 0 and split == _get(data_config, "split", "train"):
+  per_class = _subset_per_class(data_config, split)
+  if per_class:
     source = ClassBalancedSubset(
       source, subset_positions(source_labels(source), per_class,
                                int(_get(data_config, "subset_seed", 0)),
                                int(_get(data_config, "num_classes"))))
   return source
+
+
+def _subset_per_class(data_config: Any, split: str) -> int:
+  """data.subset_per_class where `split` is the training split (0: read it whole)."""
+  if split != _get(data_config, "split", "train"):
+    return 0
+  return int(_get(data_config, "subset_per_class", 0) or 0)
 
 
 def whole_split(data_config: Any) -> Any:
@@ -320,8 +327,8 @@ def class_sizes(data_config: Any, split: str | None = None) -> np.ndarray:
   """
   name = _get(data_config, "name")
   split = split or _get(data_config, "split", "train")
-  per_class = int(_get(data_config, "subset_per_class", 0) or 0)
-  if per_class > 0 and split == _get(data_config, "split", "train"):
+  per_class = _subset_per_class(data_config, split)
+  if per_class:
     return np.full(int(_get(data_config, "num_classes")), per_class, np.int64)
   tfds_dir = resolve_tfds_dir(data_config)
   if name == FASHION_MNIST:

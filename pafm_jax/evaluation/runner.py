@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pafm_jax import checkpointing, config_checks, sampling, train_state
+from pafm_jax import checkpointing, config_checks, evaluation, sampling, train_state
 from pafm_jax.data import pipeline
 from pafm_jax.evaluation import classifier as classifier_lib
 from pafm_jax.evaluation import frechet, manifold, memorization, statistics
@@ -82,6 +82,7 @@ def load_decoder(spec: str) -> Callable[[jax.Array], jax.Array] | None:
 
 
 def create_feature_extractor(config: ml_collections.ConfigDict) -> FeatureExtractor:
+  evaluation.check_config(config)  # an unknown kind is refused there
   kind = config.eval.features
   if kind == 'classifier':
     directory = classifier_lib.default_directory(config)
@@ -91,12 +92,9 @@ def create_feature_extractor(config: ml_collections.ConfigDict) -> FeatureExtrac
                        f'({clf.info["architecture"]}); retrain it with --mode=train_classifier.')
     info = {'directory': directory, 'test_accuracy': clf.info['test_accuracy']}
     return FeatureExtractor('classifier', clf.fingerprint, 500, clf.apply, info)
-  if kind == 'inception':
-    from pafm_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
-    return inception.create_feature_extractor(config, load_decoder(config.eval.decoder),
-                                              FeatureExtractor)
-  raise ValueError(f"unknown features {kind!r}; config.eval.features must be 'classifier' or "
-                   "'inception'.")
+  from pafm_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
+  return inception.create_feature_extractor(config, load_decoder(config.eval.decoder),
+                                            FeatureExtractor)
 
 
 # ------------------------------------------------------------------ reference statistics
