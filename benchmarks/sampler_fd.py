@@ -33,13 +33,16 @@ flags.mark_flags_as_required(['config', 'workdir'])
 # (label, SamplerOptions fields). StableVS keeps the base grid's points with t ≥ 0.85 and
 # crosses t < 0.85 in 9 steps.
 SETTINGS = (
-    [(f'euler {n}', dict(method='euler', num_steps=n)) for n in (8, 12, 16, 20, 32)]
+    [(f'euler {n}', dict(method='euler', num_steps=n)) for n in (8, 12, 16, 20, 32, 64)]
     + [(f'heun {n}', dict(method='heun', num_steps=n)) for n in (4, 8, 16, 32)]
     + [('dopri5 rtol 1e-2', dict(method='dopri5', rtol=1e-2, atol=1e-3)),
        ('dopri5 rtol 1e-3', dict(method='dopri5', rtol=1e-3, atol=1e-6))]
     + [(f'stablevs {n}', dict(method='stablevs', num_steps=n)) for n in (16, 32, 64)]
     + [('sde 32', dict(method='sde', num_steps=32))]
 )
+# A flow-map run (config.objective.name='flow_map') also jumps in k steps; its diagonal is a
+# velocity, so the ODE samplers above run on it too.
+FLOW_MAP_SETTINGS = [(f'flow_map {k}', dict(method='flow_map', num_steps=k)) for k in (1, 2, 4, 8)]
 
 
 def main(argv):
@@ -50,7 +53,10 @@ def main(argv):
   reference = runner.reference_statistics(config, extractor)
   rng = jax.random.fold_in(jax.random.key(config.seed), 0xFD)
   rows = []
-  for label, fields in SETTINGS:
+  settings = SETTINGS
+  if config.objective.name == 'flow_map':
+    settings = FLOW_MAP_SETTINGS + SETTINGS
+  for label, fields in settings:
     if FLAGS.only and not any(label.startswith(p) for p in FLAGS.only):
       continue
     options = sampling.SamplerOptions.from_config(config.sample, **fields)

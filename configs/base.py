@@ -55,6 +55,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.objective.stablevm.t_min = 0.5
   c.objective.stablevm.temperature = 1.0
 
+  # Flow maps (METHOD.md §5, pafm_jax/flow_maps.py): a two-time network φ_{s,t}, sampled in
+  # k jumps (config.sample.method='flow_map').
+  c.objective.flow_map = ml_collections.ConfigDict()
+  c.objective.flow_map.loss = 'lsd'               # lsd | lmd (teacher) | psd | meanflow
+  c.objective.flow_map.diagonal_fraction = 0.75   # rows with t = s (the velocity term)
+  c.objective.flow_map.diagonal_target = 'fm'     # fm | pafm (objective.pafm) | teacher
+  c.objective.flow_map.pair_sampling = 'below'    # below: t = w·s, w ~ U(0,1) | sorted pairs
+  c.objective.flow_map.adaptive_weight_power = 0.0  # MeanFlow's 1/(‖Δ‖² + 1e-3)^p; 0 = MSE
+  c.objective.flow_map.teacher_workdir = ''       # a trained velocity run (lmd, 'teacher')
+  c.objective.flow_map.teacher_cfg_scale = 1.0    # guidance baked into the distilled map
+  c.objective.flow_map.teacher_guidance_interval = (0.0, 0.7)
+  c.objective.flow_map.init_from_teacher = True   # start from the teacher's weights
+
   # Retrieved posterior candidates delivered by the data pipeline as batch fields.
   c.retrieval = ml_collections.ConfigDict()
   c.retrieval.mode = 'none'                # 'none' | 'clean' (kNN of x0) | 'noisy' (of x_t/α_t)
@@ -105,7 +118,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Sampling (pafm_jax/sampling; README "Sampling"): sample grids during training, --mode=sample
   # and the samples of --mode=eval.
   c.sample = ml_collections.ConfigDict()
-  c.sample.method = 'heun'       # euler | heun | sde | dopri5 | stablevs
+  c.sample.method = 'heun'       # euler | heun | sde | dopri5 | stablevs | flow_map
   c.sample.num_steps = 32        # base grid steps (dopri5 is adaptive and ignores it)
   c.sample.shift = 1.0           # SD3 time shift of the grid, t' = s·t/(1 + (s − 1)·t)
   c.sample.cfg_scale = 1.0

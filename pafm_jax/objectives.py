@@ -9,6 +9,10 @@ target. Every target is a configuration of the one posterior-mean estimator of
   PAFM      the global batch and/or retrieved neighbours (+ own)       (§3)
   StableVM  a per-class FIFO memory bank, SNIS for t ≥ 0.5, FM below   (§4)
 
+A flow map (§5, `flow_maps.py`) trains a two-time network with `flow_map_loss`: its diagonal
+regresses onto one of these targets (or a teacher's velocity), its off-diagonal onto the
+map's own consistency conditions.
+
 StableVM also owns state (its bank), which the one train step carries in `state['memory']`;
 `Objective.prepare` is its hook into the step (push the data batch, draw the training pairs).
 """
@@ -23,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from pafm_jax import batch_contract as fields
-from pafm_jax import candidates, paths
+from pafm_jax import candidates, flow_maps, paths
+from pafm_jax.sampling import guidance
 
 
 def sample_t(rng: jax.Array, batch_size: int, kind: str) -> jax.Array:
@@ -187,7 +192,7 @@ def stablevm_target(path, x_t, t, x0, eps, labels, batch, *, t_min: float,
 # ---------------------------------------------------------------------------------------------
 # Selection by config.
 
-OBJECTIVES = ('fm', 'pafm', 'stablevm')
+OBJECTIVES = ('fm', 'pafm', 'stablevm', 'flow_map')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,11 +202,16 @@ class Objective:
   prepare(memory, batch, rng, null_prob) → (memory, batch): run by the step before the loss
   when the objective keeps state (`memory` describes it); the batch it returns replaces the
   data batch.
+  flow_map: set for a two-time network, trained by `flow_map_loss` with `target` on its
+  diagonal (None: the teacher's velocity). teacher_apply(params, x, t, y): the frozen
+  velocity network whose parameters the state carries as 'teacher'.
   """
   name: str
-  target: Callable
+  target: Callable | None
   memory: MemoryBank | None = None
   prepare: Callable | None = None
+  flow_map: flow_maps.FlowMapOptions | None = None
+  teacher_apply: Callable | None = None
 
 
 def check_config(config) -> None:
@@ -212,11 +222,20 @@ def check_config(config) -> None:
                      f'{OBJECTIVES}.')
   if not 0.0 <= obj.label_drop < 1.0:
     raise ValueError(f'config.objective.label_drop must lie in [0, 1), got {obj.label_drop}.')
-  if obj.name == 'pafm':
+  if uses_pafm(config):
     _check_pafm_config(config)
+  if obj.name == 'flow_map':
+    flow_maps.check_config(config)
   if obj.name == 'stablevm' and obj.stablevm.bank_capacity < 1:
     raise ValueError('config.objective.stablevm.bank_capacity must be ≥ 1, got '
                      f'{obj.stablevm.bank_capacity}.')
+
+
+def uses_pafm(config) -> bool:
+  """PAFM's target trains the model: objective 'pafm', or a flow map's diagonal."""
+  obj = config.objective
+  return obj.name == 'pafm' or (obj.name == 'flow_map' and
+                                obj.flow_map.diagonal_target == 'pafm')
 
 
 def _check_pafm_config(config) -> None:
@@ -253,21 +272,39 @@ def _check_pafm_config(config) -> None:
     raise ValueError(f'config.objective.pafm.temperature must be > 0, got {p.temperature}.')
 
 
-def make_objective(config, class_sizes=None) -> Objective:
-  """The objective of config.objective; `class_sizes` [C] for the stratified combination."""
+def _pafm_target(config, class_sizes) -> Callable:
+  p = config.objective.pafm
+  if p.stratified and class_sizes is None:
+    raise ValueError('the stratified PAFM combination needs the class sizes of the dataset.')
+  options = PAFMOptions(
+      sources=p.sources, stratified=p.stratified, t_min=p.t_min, temperature=p.temperature,
+      condition=p.condition, text_tau=p.text_tau,
+      class_sizes=None if class_sizes is None else tuple(int(n) for n in class_sizes))
+  return functools.partial(options.estimator(), null_label=config.data.num_classes)
+
+
+def _flow_map_objective(config, class_sizes, teacher_apply) -> Objective:
+  options = flow_maps.FlowMapOptions.from_config(config)
+  target = {'fm': fm_target, 'teacher': None}.get(options.diagonal_target)
+  if options.diagonal_target == 'pafm':
+    target = _pafm_target(config, class_sizes)
+  if options.has_teacher and teacher_apply is None:
+    raise ValueError('a flow map with a teacher needs the teacher network (teacher_apply).')
+  return Objective('flow_map', target, flow_map=options,
+                   teacher_apply=teacher_apply if options.has_teacher else None)
+
+
+def make_objective(config, class_sizes=None, teacher_apply=None) -> Objective:
+  """The objective of config.objective; `class_sizes` [C] for the stratified combination;
+  `teacher_apply` the velocity network of a flow map's teacher."""
   check_config(config)
-  obj, null_label = config.objective, config.data.num_classes
+  obj = config.objective
   if obj.name == 'fm':
     return Objective('fm', fm_target)
   if obj.name == 'pafm':
-    p = obj.pafm
-    if p.stratified and class_sizes is None:
-      raise ValueError('the stratified PAFM combination needs the class sizes of the dataset.')
-    options = PAFMOptions(
-        sources=p.sources, stratified=p.stratified, t_min=p.t_min, temperature=p.temperature,
-        condition=p.condition, text_tau=p.text_tau,
-        class_sizes=None if class_sizes is None else tuple(int(n) for n in class_sizes))
-    return Objective('pafm', functools.partial(options.estimator(), null_label=null_label))
+    return Objective('pafm', _pafm_target(config, class_sizes))
+  if obj.name == 'flow_map':
+    return _flow_map_objective(config, class_sizes, teacher_apply)
   s = obj.stablevm
   bank = MemoryBank(config.data.num_classes, s.bank_capacity,
                     (config.data.image_size, config.data.image_size, config.data.channels),
@@ -308,3 +345,60 @@ def velocity_loss(apply_fn, params, batch: dict, rng: jax.Array, *, path, target
   per_sample = jnp.mean(jnp.square(pred.astype(jnp.float32) - target),
                         axis=tuple(range(1, x0.ndim)))
   return jnp.mean(per_sample), {'per_sample': per_sample, 't': t, **diagnostics}
+
+
+def teacher_target(teacher: Callable) -> Callable:
+  """The target of a velocity teacher `teacher(x, t, y)`, in the estimators' signature."""
+  def target(path, x_t, t, x0, eps, labels, batch):
+    del path, x0, eps, batch
+    return teacher(x_t, t, labels), {}
+  return target
+
+
+def guided_teacher(teacher_apply: Callable, teacher_params, options: flow_maps.FlowMapOptions,
+                   null_label: int) -> Callable:
+  """The frozen teacher's velocity (x, t, y) → [B, *S], guided as the options say: a student
+  distilled from a guided teacher samples guided at one network pass per step."""
+  return guidance.cfg_velocity(lambda x, t, y: teacher_apply(teacher_params, x, t, y),
+                               options.teacher_cfg_scale, null_label,
+                               options.teacher_guidance_interval)
+
+
+def flow_map_loss(apply_fn, params, batch: dict, rng: jax.Array, *, path,
+                  options: flow_maps.FlowMapOptions, target_fn: Callable | None,
+                  t_sampling: str, label_drop: float, null_label: int,
+                  noise_from_batch: bool = False, teacher: Callable | None = None):
+  """The flow-map loss (flow_maps.py): `velocity_loss`'s regression, with the diagonal rows
+  on the velocity target and the others on the chosen consistency target.
+
+  apply_fn(params, x, s, y, t_end) is φ_{s,t_end}(x); teacher(x, t, y) a frozen velocity
+  (`guided_teacher`), used by 'lmd' and by target_fn=None (the teacher on the diagonal).
+  batch: as for `velocity_loss`; its 't' is the data time s. Returns (mean loss, aux) with
+  aux['per_sample'] the [B] squared errors before adaptive weighting and aux['t'] = s.
+  """
+  x0 = _field(batch, fields.IMAGE)
+  rng_t, rng_eps, rng_drop, rng_pair = jax.random.split(rng, 4)
+  draw_time = lambda key: sample_t(key, x0.shape[0], t_sampling)
+  if noise_from_batch:
+    s, eps = _field(batch, fields.T), _field(batch, fields.EPS)
+  else:
+    s = draw_time(rng_t)
+    eps = jax.random.normal(rng_eps, x0.shape, x0.dtype)
+  s, t, u, diagonal = flow_maps.pair_times(rng_pair, s, options, draw_time)
+  labels = drop_labels(rng_drop, _field(batch, fields.LABEL), label_drop, null_label)
+  x_s = paths.interpolate(path, x0, eps, s)
+  target_fn = target_fn or teacher_target(teacher)
+  velocity, diagnostics = target_fn(path, x_s, s, x0, eps, labels, batch)
+  velocity = jax.lax.stop_gradient(velocity)
+  phi = lambda x, start, end: apply_fn(params, x, start, labels, end)
+  frozen = jax.lax.stop_gradient(params)
+  own_diagonal = lambda x, time: apply_fn(frozen, x, time, labels, None)
+  end_velocity = (lambda x, time: teacher(x, time, labels)) if options.loss == 'lmd' \
+      else own_diagonal
+  prediction, off_diagonal = flow_maps.PAIRS[options.loss](
+      phi, x=x_s, s=s, t=t, u=u, v=velocity, velocity=end_velocity)
+  target = jnp.where(paths.bcast(diagonal, x_s), velocity, off_diagonal)
+  per_sample = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target),
+                        axis=tuple(range(1, x0.ndim)))
+  weight = flow_maps.adaptive_weight(per_sample, options.adaptive_weight_power)
+  return jnp.mean(weight * per_sample), {'per_sample': per_sample, 't': s, **diagnostics}

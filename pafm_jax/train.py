@@ -46,15 +46,26 @@ def make_train_step(config: ml_collections.ConfigDict, net: network.Network,
   schedule = train_state.learning_rate_schedule(config.optimizer)
   base_key = jax.random.key(config.seed)
   prepare = objective.prepare
-  loss_fn = functools.partial(
-      objectives.velocity_loss, net.apply, path=path, target_fn=objective.target,
-      t_sampling=config.objective.t_sampling,
+  common = dict(
+      path=path, target_fn=objective.target, t_sampling=config.objective.t_sampling,
       # StableVM draws its labels, nulls included, from the bank.
       label_drop=0.0 if prepare is not None else config.objective.label_drop,
       null_label=net.null_label,
       # `prepare` replaces the batch (by pairs drawn from the bank): the pipeline's noise was
       # drawn for the data batch, not for them.
       noise_from_batch=batch_contract.pipeline_draws_noise(config) and prepare is None)
+  if objective.flow_map is None:
+    loss_fn = functools.partial(objectives.velocity_loss, net.apply, **common)
+  else:
+    loss_fn = functools.partial(objectives.flow_map_loss, net.apply, options=objective.flow_map,
+                                **common)
+
+  def loss_of(params, batch, rng, state):
+    if objective.teacher_apply is None:
+      return loss_fn(params, batch, rng)
+    teacher = objectives.guided_teacher(objective.teacher_apply, state['teacher'],
+                                        objective.flow_map, net.null_label)
+    return loss_fn(params, batch, rng, teacher=teacher)
 
   def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
     # Randomness is a function of (seed, step) only, so a resumed run draws the same numbers.
@@ -63,8 +74,10 @@ def make_train_step(config: ml_collections.ConfigDict, net: network.Network,
     if prepare is not None:
       new_state['memory'], batch = prepare(state['memory'], batch, jax.random.fold_in(rng, 1),
                                            config.objective.label_drop)
+    if objective.teacher_apply is not None:
+      new_state['teacher'] = state['teacher']
     (loss, aux), grads = jax.value_and_grad(
-        lambda p: loss_fn(p, batch, rng), has_aux=True)(state['params'])
+        lambda p: loss_of(p, batch, rng, state), has_aux=True)(state['params'])
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     decay = train_state.ema_decay(state['step'], config.optimizer.ema_decay)

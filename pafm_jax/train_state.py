@@ -12,6 +12,7 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -19,7 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pafm_jax import batch_contract, objectives, sharding
+from pafm_jax import batch_contract, checkpointing, flow_maps, objectives, sharding
 from pafm_jax.data import pipeline
 from pafm_jax.models import network
 
@@ -68,10 +69,18 @@ def ema_decay(step: jax.Array, decay: float) -> jax.Array:
 # The state.
 
 
-def init_state(rng: jax.Array, make_model, tx: optax.GradientTransformation,
-               memory: objectives.MemoryBank | None = None) -> dict:
+def init_state(rng: jax.Array, teacher: Any = None, *, make_model,
+               tx: optax.GradientTransformation, memory: objectives.MemoryBank | None = None,
+               init_from_teacher: bool = False) -> dict:
+  """A fresh state; a flow map's frozen `teacher` parameters join it as 'teacher' and, with
+  `init_from_teacher`, also start its weights (flow_maps.overlay)."""
   params = nnx.to_pure_dict(nnx.state(make_model(rng), nnx.Param))
-  return state_from_params(params, jax.tree.map(jnp.copy, params), tx, memory=memory)
+  if teacher is not None and init_from_teacher:
+    params = flow_maps.overlay(params, jax.tree.map(jnp.copy, teacher))
+  state = state_from_params(params, jax.tree.map(jnp.copy, params), tx, memory=memory)
+  if teacher is not None:
+    state['teacher'] = teacher
+  return state
 
 
 def state_from_params(params: Any, ema_params: Any, tx: optax.GradientTransformation, *,
@@ -90,8 +99,10 @@ def state_from_params(params: Any, ema_params: Any, tx: optax.GradientTransforma
 
 def state_shardings(abstract_state: dict, net: network.Network,
                     tx: optax.GradientTransformation, mesh, rules,
-                    memory: objectives.MemoryBank | None = None) -> dict:
-  """Params, EMA and the optimizer's per-parameter moments sharded by the logical rules."""
+                    memory: objectives.MemoryBank | None = None,
+                    teacher_net: network.Network | None = None) -> dict:
+  """Params, EMA and the optimizer's per-parameter moments sharded by the logical rules (a
+  flow map's teacher as well)."""
   replicated = NamedSharding(mesh, P())
   params = sharding.tree_shardings(abstract_state['params'], net.logical_axes, mesh, rules)
   opt_state = optax.tree_map_params(
@@ -101,6 +112,9 @@ def state_shardings(abstract_state: dict, net: network.Network,
   if memory is not None:
     out['memory'] = sharding.tree_shardings(abstract_state['memory'], memory.logical_axes(),
                                             mesh, rules)
+  if teacher_net is not None:
+    out['teacher'] = sharding.tree_shardings(abstract_state['teacher'], teacher_net.logical_axes,
+                                             mesh, rules)
   return out
 
 
@@ -117,27 +131,42 @@ class TrainSetup:
   batch_spec: dict
   rules: tuple
   objective: objectives.Objective
+  teacher_net: network.Network | None = None
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict, mesh) -> 'TrainSetup':
     net = network.build_network(config)
     tx = make_optimizer(config.optimizer)
     class_sizes = None
-    if config.objective.name == 'pafm' and config.objective.pafm.stratified:
+    if objectives.uses_pafm(config) and config.objective.pafm.stratified:
       class_sizes = pipeline.class_sizes(config.data)
-    objective = objectives.make_objective(config, class_sizes)
-    init_fn = functools.partial(init_state, make_model=network.model_factory(config), tx=tx,
-                                memory=objective.memory)
-    abstract_state = jax.eval_shape(init_fn, jax.random.key(config.seed))
+    teacher_net = None
+    if network.is_flow_map(config) and config.objective.flow_map.teacher_workdir:
+      teacher_net = network.build_network(config, two_time=False)
+    objective = objectives.make_objective(config, class_sizes,
+                                          teacher_net and teacher_net.apply)
+    init_fn = functools.partial(
+        init_state, make_model=network.model_factory(config), tx=tx, memory=objective.memory,
+        init_from_teacher=bool(objective.flow_map and objective.flow_map.init_from_teacher))
+    abstract_state = jax.eval_shape(init_fn, jax.random.key(config.seed),
+                                    teacher_net and teacher_net.abstract_params)
     rules = tuple(config.logical_axis_rules)
-    shardings = state_shardings(abstract_state, net, tx, mesh, rules, objective.memory)
+    shardings = state_shardings(abstract_state, net, tx, mesh, rules, objective.memory,
+                                teacher_net)
     return cls(config, mesh, net, tx, init_fn, abstract_state, shardings,
-               batch_contract.batch_spec(config), rules, objective)
+               batch_contract.batch_spec(config), rules, objective, teacher_net)
 
   def init(self) -> dict:
-    """Initialised under jit straight into its shards: no full copy on any one device."""
+    """Initialised under jit straight into its shards: no full copy on any one device. A flow
+    map's teacher is read from its run first (its EMA weights, onto their shards)."""
+    teacher = None
+    if self.teacher_net is not None:
+      workdir = self.config.objective.flow_map.teacher_workdir
+      teacher, step = checkpointing.restore_params(
+          workdir, self.sharded_abstract_state()['teacher'], use_ema=True)
+      logging.info('flow-map teacher: EMA weights of step %d from %s', step, workdir)
     return jax.jit(self.init_fn, out_shardings=self.state_shardings)(
-        jax.random.key(self.config.seed))
+        jax.random.key(self.config.seed), teacher)
 
   def sharded_abstract_state(self) -> dict:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -22,9 +22,18 @@ from tests.test_train import apply_overrides, tiny_config
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
+_FLOW_MAP = {'objective.name': 'flow_map'}
+
+
 @pytest.mark.parametrize('overrides,match', [
     ({'objective.pafm.condition': 'text'}, "condition='class'"),
     ({'retrieval.mode': 'clean'}, "config.retrieval.mode='noisy'"),
+    ({'sample.method': 'flow_map'}, "objective.name='flow_map'"),
+    ({**_FLOW_MAP, 'objective.flow_map.loss': 'lmd'}, 'teacher_workdir'),
+    ({**_FLOW_MAP, 'objective.flow_map.diagonal_target': 'teacher',
+      'objective.flow_map.teacher_workdir': '/nonexistent/run'}, 'train the teacher first'),
+    ({**_FLOW_MAP, 'objective.flow_map.diagonal_fraction': 0.25}, 'too small'),
+    ({**_FLOW_MAP, 'objective.flow_map.pair_sampling': 'sorted'}, "pair_sampling='below'"),
 ])
 def test_unsupported_combinations_are_refused_before_data_or_index(tmp_path, overrides, match):
   """Stratified PAFM on noisy retrieval (the default job) with one field changed: refused with

@@ -224,8 +224,8 @@ def test_sharded_sampler_equals_one_device_sampler():
   """A SiT sample with the batch split over 8 devices equals the one-device sample."""
   config = fmnist_sit.get_config()
   net = network.build_network(config)
-  params = train_state.init_state(jax.random.key(0), network.model_factory(config),
-                            train_state.make_optimizer(config.optimizer))['params']
+  params = train_state.init_state(jax.random.key(0), make_model=network.model_factory(config),
+                                  tx=train_state.make_optimizer(config.optimizer))['params']
   # A zero-initialised final layer would make every velocity 0: perturb all parameters.
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))

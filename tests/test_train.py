@@ -64,8 +64,9 @@ def test_paper_configs_build_abstractly(module, expected):
   # The optimizer state and EMA build abstractly too, and every leaf gets a sharding.
   mesh = sharding.create_mesh({'data': 2, 'fsdp': 4})
   tx = train_state.make_optimizer(config.optimizer)
-  abstract = jax.eval_shape(lambda r: train_state.init_state(r, network.model_factory(config), tx),
-                            jax.random.key(0))
+  abstract = jax.eval_shape(
+      lambda r: train_state.init_state(r, make_model=network.model_factory(config), tx=tx),
+      jax.random.key(0))
   sh = train_state.state_shardings(abstract, net, tx, mesh, config.logical_axis_rules)
   assert jax.tree.structure(sh) == jax.tree.structure(abstract)
 

@@ -31,9 +31,15 @@ class Network:
   logical_axes: Any         # nested dict of tuples of logical axis names
   null_label: int
 
-  def apply(self, params, x, t, y):
-    """Velocity f_θ(x_t, t, y): x [B, H, W, C], t [B], y [B] → [B, H, W, C]."""
-    return nnx.merge(self.graphdef, params)(x, t, y)
+  def apply(self, params, x, t, y, t_end=None):
+    """Velocity f_θ(x_t, t, y): x [B, H, W, C], t [B], y [B] → [B, H, W, C].
+
+    For a two-time (flow-map) network, `t_end` [B] asks for φ_{t,t_end}(x) (METHOD.md §5);
+    without it the result is the diagonal φ_{t,t}, the velocity, so every ODE sampler also
+    runs on a flow-map model.
+    """
+    model = nnx.merge(self.graphdef, params)
+    return model(x, t, y) if t_end is None else model(x, t, y, t_end=t_end)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -53,20 +59,32 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                      f'got {config.model.dtype!r}.')
 
 
-def model_factory(config: ml_collections.ConfigDict) -> Callable[[jax.Array], nnx.Module]:
-  """rng → a freshly initialised model of config.model for config.data's samples."""
+def is_flow_map(config: ml_collections.ConfigDict) -> bool:
+  """Whether config trains a two-time flow-map network (METHOD.md §5)."""
+  return config.objective.name == 'flow_map'
+
+
+def model_factory(config: ml_collections.ConfigDict,
+                  two_time: bool | None = None) -> Callable[[jax.Array], nnx.Module]:
+  """rng → a freshly initialised model of config.model for config.data's samples.
+
+  two_time: None follows the config (`is_flow_map`); False builds the one-time velocity
+  network of the same size (a flow map's teacher).
+  """
+  two_time = is_flow_map(config) if two_time is None else two_time
+
   def make(rng: jax.Array) -> nnx.Module:
     return sit.sit_from_name(
         config.model.name, input_size=config.data.image_size,
         in_channels=config.data.channels, num_classes=config.data.num_classes,
         rngs=nnx.Rngs(params=rng), dtype=DTYPES[config.model.dtype],
-        param_dtype=jnp.float32, remat=config.model.remat)
+        param_dtype=jnp.float32, remat=config.model.remat, two_time=two_time)
   return make
 
 
-def build_network(config: ml_collections.ConfigDict) -> Network:
+def build_network(config: ml_collections.ConfigDict, two_time: bool | None = None) -> Network:
   """Builds the model abstractly (no memory) to get its graph, shapes and logical axes."""
-  abstract_model = nnx.eval_shape(lambda: model_factory(config)(jax.random.key(0)))
+  abstract_model = nnx.eval_shape(lambda: model_factory(config, two_time)(jax.random.key(0)))
   graphdef, state = nnx.split(abstract_model, nnx.Param)
   logical = jax.tree.map(tuple, nnx.to_pure_dict(nnx.get_partition_spec(state)),
                          is_leaf=lambda x: isinstance(x, P))

@@ -168,14 +168,15 @@ class TimestepEmbedder(nnx.Module):
   """t [B] -> [B, D]: sinusoidal features -> Linear -> SiLU -> Linear."""
 
   def __init__(self, hidden_size: int, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype,
-               frequency_embedding_size: int = TIME_FREQ_DIM):
+               frequency_embedding_size: int = TIME_FREQ_DIM, output_init=_normal02):
     self.frequency_embedding_size = frequency_embedding_size
-    kw = dict(kernel_init=_normal02, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     # Indices 0 and 2 match upstream's nn.Sequential(Linear, SiLU, Linear).
     self.mlp = nnx.Sequential(
-        _linear(frequency_embedding_size, hidden_size, ('time_freq', 'embed'), **kw),
+        _linear(frequency_embedding_size, hidden_size, ('time_freq', 'embed'),
+                kernel_init=_normal02, **kw),
         nnx.silu,
-        _linear(hidden_size, hidden_size, ('cond', 'embed'), **kw),
+        _linear(hidden_size, hidden_size, ('cond', 'embed'), kernel_init=output_init, **kw),
     )
 
   def __call__(self, t: jax.Array) -> jax.Array:
@@ -298,10 +299,16 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
 
 
 class SiT(nnx.Module):
-  """Class-conditional SiT velocity network.
+  """Class-conditional SiT velocity network, or a two-time flow-map network.
 
   Call: `model(x, t, y)` with x [B, H, W, C] (H, W = input_size), t [B] (or scalar) in [0, 1],
   y [B] int in [0, num_classes] (num_classes = null label) -> velocity [B, H, W, C] float32.
+
+  `two_time=True` (METHOD.md §5) adds a second time: `model(x, s, y, t_end=t)` is φ_{s,t}(x) of
+  the map X_{s,t}(x) = x + (t − s)·φ_{s,t}(x) for x at time s; t_end defaults to s (the
+  diagonal, φ_{s,s} = the velocity). The gap t − s enters the conditioning through its own
+  embedder whose output layer starts at zero, so a two-time model whose other weights come
+  from a trained velocity model starts as that model for every t (X = one Euler step).
 
   `dtype` is the matmul/conv dtype (e.g. bf16); parameters are `param_dtype`; the residual
   stream, LayerNorm statistics and the output are float32. `remat=True` rematerialises each
@@ -311,7 +318,7 @@ class SiT(nnx.Module):
   def __init__(self, *, depth: int, hidden_size: int, num_heads: int, patch_size: int,
                in_channels: int, input_size: int | Sequence[int], num_classes: int,
                rngs: nnx.Rngs, mlp_ratio: float = 4.0, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, remat: bool = False):
+               param_dtype: Dtype = jnp.float32, remat: bool = False, two_time: bool = False):
     h, w = _pair(input_size)
     if h % patch_size or w % patch_size:
       raise ValueError(f'input_size {(h, w)} is not divisible by patch_size {patch_size}; '
@@ -331,10 +338,13 @@ class SiT(nnx.Module):
     self.grid_size = (h // patch_size, w // patch_size)
     self.num_classes = num_classes
     self.remat = remat
+    self.two_time = two_time
 
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.x_embedder = PatchEmbed(self.grid_size, patch_size, in_channels, hidden_size, **kw)
     self.t_embedder = TimestepEmbedder(hidden_size, **kw)
+    if two_time:
+      self.gap_embedder = TimestepEmbedder(hidden_size, output_init=_zeros, **kw)
     self.y_embedder = LabelEmbedder(num_classes, hidden_size, **kw)
     self.blocks = nnx.List(
         [SiTBlock(hidden_size, num_heads, mlp_ratio, **kw) for _ in range(depth)])
@@ -348,15 +358,22 @@ class SiT(nnx.Module):
     x = x.transpose(0, 1, 3, 2, 4, 5)  # [B, gh, p, gw, p, C]
     return x.reshape(b, gh * p, gw * p, c)
 
-  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array,
+               t_end: jax.Array | None = None) -> jax.Array:
     b = x.shape[0]
     if tuple(x.shape[1:]) != (*self.input_size, self.in_channels):
       raise ValueError(f'expected x of shape [B, {self.input_size[0]}, {self.input_size[1]}, '
                        f'{self.in_channels}], got {x.shape}.')
+    if t_end is not None and not self.two_time:
+      raise ValueError('this SiT has one time input; a map end time t_end needs a two-time '
+                       "model (config.objective.name='flow_map').")
     t = jnp.broadcast_to(jnp.asarray(t), (b,))  # samplers may pass a scalar time
 
     x = constrain(self.x_embedder(x), ACT_AXES)  # [B, T, D]
     c = self.t_embedder(t) + self.y_embedder(y)  # [B, D]
+    if self.two_time:
+      gap = jnp.zeros_like(t) if t_end is None else jnp.broadcast_to(jnp.asarray(t_end), (b,)) - t
+      c = c + self.gap_embedder(gap)
     block_fn = _block_forward_remat if self.remat else _block_forward
     for block in self.blocks:
       x = constrain(block_fn(block, x, c), ACT_AXES)
@@ -390,10 +407,11 @@ SIT_SIZES: dict[str, dict[str, int]] = {
 
 def sit_from_name(name: str, *, input_size: int | Sequence[int], in_channels: int,
                   num_classes: int, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
-                  param_dtype: Dtype = jnp.float32, remat: bool = False) -> SiT:
+                  param_dtype: Dtype = jnp.float32, remat: bool = False,
+                  two_time: bool = False) -> SiT:
   """Builds a named size, e.g. `sit_from_name('SiT-XL/2', input_size=32, ...)`."""
   if name not in SIT_SIZES:
     raise ValueError(f'unknown SiT size {name!r}; valid names: {", ".join(SIT_SIZES)}.')
   return SiT(**SIT_SIZES[name], input_size=input_size, in_channels=in_channels,
              num_classes=num_classes, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-             remat=remat)
+             remat=remat, two_time=two_time)

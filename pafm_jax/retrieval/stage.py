@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 
 from pafm_jax import batch_contract as fields
-from pafm_jax import paths
+from pafm_jax import objectives, paths
 from pafm_jax.data import pipeline
 from pafm_jax.retrieval import dataset_index
 from pafm_jax.retrieval import index as index_lib
@@ -121,7 +121,7 @@ def stage_factory(config, workdir: str):
   Returns (factory, index) so the caller can record which index the run used."""
   if config.retrieval.mode == 'none':
     return None, None
-  if config.objective.name != 'pafm' or 'retrieved' not in config.objective.pafm.sources:
+  if not objectives.uses_pafm(config) or 'retrieved' not in config.objective.pafm.sources:
     logging.warning("config.retrieval.mode=%r retrieves neighbours that objective %r does not "
                     "use (only t and ε from the pipeline are); set config.retrieval.mode='none' "
                     'to save the retrieval work.', config.retrieval.mode, config.objective.name)

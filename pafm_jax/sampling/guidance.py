@@ -36,17 +36,21 @@ def cfg_velocity(velocity_fn: VelocityFn, cfg_scale: float, null_label: int | No
     raise ValueError(f'the guidance interval must satisfy 0 ≤ t_low ≤ t_high ≤ 1, got '
                      f'{interval}.')
 
-  def guided(x, t, y):
+  def guided(x, t, y, *t_end):
+    # t_end: a flow map's end time (sampling/flow_map.py); guidance then combines the maps'
+    # φ_{t,t_end} the same way (exact on the diagonal, MeanFlow's practice off it).
     inside = (t >= t_low) & (t <= t_high)
 
     def with_guidance(_):
       both = velocity_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                         jnp.concatenate([y, jnp.full_like(y, null_label)]))
+                         jnp.concatenate([y, jnp.full_like(y, null_label)]),
+                         *(jnp.concatenate([e, e]) for e in t_end))
       v_cond, v_uncond = jnp.split(both, 2)
       v_guided = v_uncond + cfg_scale * (v_cond - v_uncond)
       mask = jnp.reshape(inside, inside.shape + (1,) * (x.ndim - 1))
       return jnp.where(mask, v_guided, v_cond)
 
-    return jax.lax.cond(jnp.any(inside), with_guidance, lambda _: velocity_fn(x, t, y), None)
+    return jax.lax.cond(jnp.any(inside), with_guidance,
+                        lambda _: velocity_fn(x, t, y, *t_end), None)
 
   return guided

@@ -14,17 +14,18 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pafm_jax import paths, sharding
-from pafm_jax.sampling import guidance, ode, schedules, sde, stablevs
+from pafm_jax.sampling import flow_map, guidance, ode, schedules, sde, stablevs
 
 VelocityFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-SAMPLERS = ('euler', 'heun', 'sde', 'dopri5', 'stablevs')
+SAMPLERS = ('euler', 'heun', 'sde', 'dopri5', 'stablevs', 'flow_map')
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerOptions:
   """How to draw samples. Field names match `config.sample` (configs/base.py)."""
   method: str = 'heun'
-  num_steps: int = 32              # steps of the base grid (dopri5: unused, adaptive)
+  num_steps: int = 32              # steps of the base grid (dopri5: unused, adaptive;
+                                   # flow_map: the number of jumps)
   shift: float = 1.0               # time shift of the base grid (1 = uniform)
   cfg_scale: float = 1.0
   guidance_interval: tuple[float, float] = guidance.DEFAULT_INTERVAL
@@ -68,6 +69,10 @@ class SamplerOptions:
 def check_config(config) -> None:
   """config.sample names a sampler with valid options (SamplerOptions raises otherwise)."""
   SamplerOptions.from_config(config.sample)
+  if config.sample.method == 'flow_map' and config.objective.name != 'flow_map':
+    raise ValueError("config.sample.method='flow_map' jumps with a two-time flow-map network, "
+                     f'but objective {config.objective.name!r} trains a velocity model; use an '
+                     "ODE sampler (e.g. 'heun') or train with config.objective.name='flow_map'.")
 
 
 def sample_with_nfe(velocity_fn: VelocityFn, rng: jax.Array, labels: jax.Array,
@@ -91,6 +96,8 @@ def sample_with_nfe(velocity_fn: VelocityFn, rng: jax.Array, labels: jax.Array,
     return ode.euler(fn, x1, labels, options.grid())
   if m == 'heun':
     return ode.heun(fn, x1, labels, options.grid())
+  if m == 'flow_map':
+    return flow_map.few_step(fn, x1, labels, options.grid())
   if m == 'dopri5':
     return ode.dopri5(fn, x1, labels, rtol=options.rtol, atol=options.atol,
                       max_steps=options.max_steps)
@@ -130,8 +137,8 @@ def make_batch_sampler(apply_fn: Callable, mesh, shape: tuple[int, ...],
 
   def draw(params, rng, labels):
     labels = jax.lax.with_sharding_constraint(labels, label_sharding)
-    return sample_with_nfe(lambda x, t, y: apply_fn(params, x, t, y), rng, labels, shape,
-                           options, null_label=null_label, path=path,
+    return sample_with_nfe(lambda x, t, y, *t_end: apply_fn(params, x, t, y, *t_end), rng,
+                           labels, shape, options, null_label=null_label, path=path,
                            noise_sharding=x_sharding)
 
   out_shardings = (x_sharding, replicated)
