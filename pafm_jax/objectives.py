@@ -28,7 +28,6 @@ import jax.numpy as jnp
 
 from pafm_jax import batch_contract as fields
 from pafm_jax import candidates, flow_maps, paths
-from pafm_jax.sampling import guidance
 
 
 def sample_t(rng: jax.Array, batch_size: int, kind: str) -> jax.Array:
@@ -355,15 +354,6 @@ def teacher_target(teacher: Callable) -> Callable:
   return target
 
 
-def guided_teacher(teacher_apply: Callable, teacher_params, options: flow_maps.FlowMapOptions,
-                   null_label: int) -> Callable:
-  """The frozen teacher's velocity (x, t, y) → [B, *S], guided as the options say: a student
-  distilled from a guided teacher samples guided at one network pass per step."""
-  return guidance.cfg_velocity(lambda x, t, y: teacher_apply(teacher_params, x, t, y),
-                               options.teacher_cfg_scale, null_label,
-                               options.teacher_guidance_interval)
-
-
 def flow_map_loss(apply_fn, params, batch: dict, rng: jax.Array, *, path,
                   options: flow_maps.FlowMapOptions, target_fn: Callable | None,
                   t_sampling: str, label_drop: float, null_label: int,
@@ -372,7 +362,7 @@ def flow_map_loss(apply_fn, params, batch: dict, rng: jax.Array, *, path,
   on the velocity target and the others on the chosen consistency target.
 
   apply_fn(params, x, s, y, t_end) is φ_{s,t_end}(x); teacher(x, t, y) a frozen velocity
-  (`guided_teacher`), used by 'lmd' and by target_fn=None (the teacher on the diagonal).
+  (train.py guides it as the options say), used by 'lmd' and by target_fn=None (the teacher on the diagonal).
   batch: as for `velocity_loss`; its 't' is the data time s. Returns (mean loss, aux) with
   aux['per_sample'] the [B] squared errors before adaptive weighting and aux['t'] = s.
   """

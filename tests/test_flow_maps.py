@@ -314,19 +314,23 @@ def test_few_step_sampler_with_the_exact_map_is_exact_for_any_number_of_steps():
 
 
 def test_sampler_registry_runs_a_flow_map_network_with_guidance():
-  """`sample_with_nfe(method='flow_map')` draws its noise and jumps with φ: k NFE."""
+  """`sample_with_nfe(method='flow_map')` draws its noise and jumps with φ (k NFE); CFG on the
+  interval combines the conditional and unconditional φ like velocities."""
   graphdef, params = _two_time_sit()
   fn = lambda x, t, y, *t_end: nnx.merge(graphdef, params)(x, t, y, *t_end)
   labels = jnp.array([0, 1, 2, 0])
-  a, nfe = sampling.sample_with_nfe(fn, jax.random.key(0), labels, (4, 4, 1),
-                                    sampling.SamplerOptions(method='flow_map', num_steps=3),
-                                    null_label=3)
-  assert nfe == 3
-  phi = lambda x, s, y, t: nnx.merge(graphdef, params)(x, s, y, t_end=t)
   x1 = jax.random.normal(jax.random.key(0), (4, 4, 4, 1), jnp.float32)
-  want, _ = flow_map_sampler.few_step(phi, x1, labels,
-                                      sampling.SamplerOptions(num_steps=3).grid())
-  np.testing.assert_allclose(a, want, rtol=1e-6, atol=1e-6)
+  phi = lambda x, s, y, t: nnx.merge(graphdef, params)(x, s, y, t_end=t)
+  guided = lambda x, s, y, t: phi(x, s, 3 + 0 * y, t) + 2.0 * (phi(x, s, y, t) -
+                                                                 phi(x, s, 3 + 0 * y, t))
+  for scale, map_fn in ((1.0, phi), (2.0, guided)):
+    options = sampling.SamplerOptions(method='flow_map', num_steps=3, cfg_scale=scale,
+                                      guidance_interval=(0.0, 1.0))
+    got, nfe = sampling.sample_with_nfe(fn, jax.random.key(0), labels, (4, 4, 1), options,
+                                        null_label=3)
+    assert nfe == 3
+    want, _ = flow_map_sampler.few_step(map_fn, x1, labels, options.grid())
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------ the sharded step
@@ -378,3 +382,16 @@ def test_sharded_flow_map_step_matches_single_device(fmnist_tfds_dir, tmp_path, 
       teacher_kernel = s8['teacher']['blocks'][0]['mlp']['fc1']['kernel']
       assert {sh.data.shape for sh in teacher_kernel.addressable_shards} == {(32, 512)}
       assert 'gap_embedder' in s8['params'] and 'gap_embedder' not in s8['teacher']
+
+
+def test_flow_map_configs_validate_and_a_missing_teacher_is_named(tmp_path):
+  """fmnist_meanflow validates as it is; fmnist_flowmap without its teacher's run is refused
+  with the command that trains it, before anything is read or written."""
+  from configs import fmnist_flowmap, fmnist_meanflow
+  from pafm_jax import config_checks
+  config_checks.validate(fmnist_meanflow.get_config(), 2, 1)
+  c = fmnist_flowmap.get_config()
+  c.objective.flow_map.teacher_workdir = str(tmp_path / 'fmnist_sit')
+  with pytest.raises(ValueError, match='configs/fmnist_sit.py'):
+    config_checks.validate(c, 2, 1)
+  assert list(tmp_path.iterdir()) == []
