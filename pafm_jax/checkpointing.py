@@ -152,6 +152,12 @@ def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       new = _get(config, field)
       if old != new:
         diffs.append(f'{field}: saved {old!r}, now {new!r}')
+    # A flow map's network has a second time input (more parameters) than a velocity model's.
+    saved_map = saved.get('objective', {}).get('name') == 'flow_map'
+    if saved_map != (config.objective.name == 'flow_map'):
+      diffs.append(f"objective.name: saved {saved.objective.name!r}, now "
+                   f"{config.objective.name!r} (a flow map's two-time network and a velocity "
+                   'network do not share a checkpoint)')
     if diffs:
       raise ValueError(
           f'workdir {workdir} holds a run with a different model shape ({"; ".join(diffs)}). '
@@ -168,6 +174,12 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     tmp.replace(path)
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """The steps of the complete checkpoints under workdir/checkpoints, ascending."""
+  root = workdir_path(workdir) / 'checkpoints'
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+
+
 def restore_params(workdir: str, abstract_params: Any, *, use_ema: bool = True,
                    step: int | None = None) -> tuple[Any, int]:
   """Only the (EMA) parameters of a saved train state, onto `abstract_params`' shardings.
@@ -176,7 +188,7 @@ def restore_params(workdir: str, abstract_params: Any, *, use_ema: bool = True,
   iterator, so they are left on disk (Orbax partial restore). Returns (params, step).
   """
   root = workdir_path(workdir) / 'checkpoints'
-  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+  steps = saved_steps(workdir)
   if not steps:
     raise FileNotFoundError(f'no checkpoint under {root}; train first (--mode=train).')
   step = steps[-1] if step is None else step

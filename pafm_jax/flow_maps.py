@@ -30,6 +30,7 @@ import dataclasses
 import json
 from typing import Callable
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 from etils import epath
@@ -127,8 +128,14 @@ class FlowMapOptions:
                init_from_teacher=bool(f.init_from_teacher))
 
   @property
-  def has_teacher(self) -> bool:
-    return bool(self.teacher_workdir)
+  def teacher_in_step(self) -> bool:
+    """The step evaluates the teacher (it then lives in the train state as 'teacher')."""
+    return self.loss == 'lmd' or self.diagonal_target == 'teacher'
+
+  @property
+  def reads_teacher(self) -> bool:
+    """A fresh run reads the teacher's weights (for the step or to start from them)."""
+    return self.teacher_in_step or (bool(self.teacher_workdir) and self.init_from_teacher)
 
 
 def pair_times(rng: jax.Array, s: jax.Array, options: FlowMapOptions,
@@ -197,22 +204,35 @@ def check_config(config) -> None:
   if f.adaptive_weight_power < 0:
     raise ValueError('config.objective.flow_map.adaptive_weight_power must be ≥ 0, got '
                      f'{f.adaptive_weight_power}.')
-  needs_teacher = f.loss == 'lmd' or f.diagonal_target == 'teacher'
-  if needs_teacher and not f.teacher_workdir:
+  options = FlowMapOptions.from_config(config)
+  if options.teacher_in_step and not f.teacher_workdir:
     raise ValueError(
         f"flow-map loss {f.loss!r} with diagonal_target {f.diagonal_target!r} distils a "
         'trained velocity model: set config.objective.flow_map.teacher_workdir to its workdir '
         '(e.g. runs/fmnist_sit after make train).')
-  if f.teacher_workdir:
-    check_teacher(config, f.teacher_workdir)
+  low, high = options.teacher_guidance_interval
+  if options.teacher_cfg_scale < 0 or not 0.0 <= low <= high <= 1.0:
+    raise ValueError('config.objective.flow_map.teacher_cfg_scale must be ≥ 0 and '
+                     'teacher_guidance_interval (low, high) with 0 ≤ low ≤ high ≤ 1, got '
+                     f'{options.teacher_cfg_scale} and {options.teacher_guidance_interval}.')
+  if options.teacher_in_step and options.teacher_cfg_scale != 1.0 and config.sample.cfg_scale != 1:
+    logging.warning('the flow map learns the teacher guided at %s and samples with '
+                    'config.sample.cfg_scale=%s on top: guidance applied twice. Set '
+                    'config.sample.cfg_scale=1 to sample as distilled.',
+                    options.teacher_cfg_scale, config.sample.cfg_scale)
 
 
-# The fields a teacher's config must share with the student's for its weights to fit.
-TEACHER_SHAPE_FIELDS = ('model.name', 'data.image_size', 'data.channels', 'data.num_classes')
+# The fields a teacher's config must share with the student's: for its weights to fit, and
+# for its velocity to be one of the student's path and data.
+TEACHER_FIELDS = ('model.name', 'data.image_size', 'data.channels', 'data.num_classes',
+                  'data.name', 'objective.path')
 
 
 def check_teacher(config, workdir: str) -> None:
-  """The teacher run exists, has a checkpoint, and has the student's model shape."""
+  """The teacher run exists, has a checkpoint, and matches the student (TEACHER_FIELDS).
+
+  Needed only by a run that reads the teacher (a fresh one: a resumed run carries it in its
+  state), so train.py calls it before any data or index work, not config_checks."""
   root = epath.Path(workdir)
   saved = root / 'config.json'
   checkpoints = root / 'checkpoints'
@@ -225,11 +245,16 @@ def check_teacher(config, workdir: str) -> None:
   teacher = json.loads(saved.read_text())
   if teacher.get('objective', {}).get('name') == 'flow_map':
     raise ValueError(f'the teacher at {workdir} is itself a flow map; distil a velocity model.')
+  if teacher.get('objective', {}).get('label_drop', 0.0) == 0.0 and (
+      config.objective.flow_map.teacher_cfg_scale != 1.0):
+    logging.warning('the teacher at %s never saw the null label (objective.label_drop=0): '
+                    'its guided velocity is not meaningful.', workdir)
   diffs = []
-  for field in TEACHER_SHAPE_FIELDS:
+  for field in TEACHER_FIELDS:
     node_t, node_s = teacher, config
     for key in field.split('.'):
-      node_t, node_s = node_t.get(key), node_s[key]
+      node_t = node_t.get(key) if isinstance(node_t, dict) else None
+      node_s = node_s[key]
     if node_t != node_s:
       diffs.append(f'{field}: teacher {node_t!r}, student {node_s!r}')
   if diffs:

@@ -287,10 +287,10 @@ def _flow_map_objective(config, class_sizes, teacher_apply) -> Objective:
   target = {'fm': fm_target, 'teacher': None}.get(options.diagonal_target)
   if options.diagonal_target == 'pafm':
     target = _pafm_target(config, class_sizes)
-  if options.has_teacher and teacher_apply is None:
+  if options.teacher_in_step and teacher_apply is None:
     raise ValueError('a flow map with a teacher needs the teacher network (teacher_apply).')
   return Objective('flow_map', target, flow_map=options,
-                   teacher_apply=teacher_apply if options.has_teacher else None)
+                   teacher_apply=teacher_apply if options.teacher_in_step else None)
 
 
 def make_objective(config, class_sizes=None, teacher_apply=None) -> Objective:

@@ -23,8 +23,8 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pafm_jax import (batch_contract, checkpointing, config_checks, objectives, paths, sharding,
-                      train_state)
+from pafm_jax import (batch_contract, checkpointing, config_checks, flow_maps, objectives, paths,
+                      sharding, train_state)
 from pafm_jax.data import pipeline
 from pafm_jax.evaluation import runner
 from pafm_jax.models import network
@@ -80,14 +80,16 @@ def make_train_step(config: ml_collections.ConfigDict, net: network.Network,
                                            config.objective.label_drop)
     if objective.teacher_apply is not None:
       new_state['teacher'] = state['teacher']
-    (loss, aux), grads = jax.value_and_grad(
+    (_, aux), grads = jax.value_and_grad(
         lambda p: loss_of(p, batch, rng, state), has_aux=True)(state['params'])
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     decay = train_state.ema_decay(state['step'], config.optimizer.ema_decay)
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state['ema_params'], params)
     metrics = {
-        'loss': loss,
+        # The unweighted mean squared error (a flow map's adaptive weights change what is
+        # minimised, not what is reported).
+        'loss': jnp.mean(aux['per_sample']),
         'grad_norm': optax.tree.norm(grads),
         'learning_rate': schedule(state['step']),
         **bucket_sums(aux),
@@ -298,6 +300,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns the final train state (sharded arrays) and the last logged metrics.
   """
   mesh = config_checks.validated_mesh(config)
+  if (network.is_flow_map(config) and flow_maps.FlowMapOptions.from_config(config).reads_teacher
+      and not checkpointing.saved_steps(workdir)):
+    # A fresh run reads a flow map's teacher (a resumed one carries it in its state): fail
+    # before the workdir, the index or the data are touched.
+    flow_maps.check_teacher(config, config.objective.flow_map.teacher_workdir)
   checkpointing.check_and_save_config(config, workdir)
   logging.info('mesh %s over %d devices (%d processes)', dict(mesh.shape), jax.device_count(),
                jax.process_count())

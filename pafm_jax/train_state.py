@@ -71,14 +71,17 @@ def ema_decay(step: jax.Array, decay: float) -> jax.Array:
 
 def init_state(rng: jax.Array, teacher: Any = None, *, make_model,
                tx: optax.GradientTransformation, memory: objectives.MemoryBank | None = None,
-               init_from_teacher: bool = False) -> dict:
-  """A fresh state; a flow map's frozen `teacher` parameters join it as 'teacher' and, with
-  `init_from_teacher`, also start its weights (flow_maps.overlay)."""
+               init_from_teacher: bool = False, keep_teacher: bool = False) -> dict:
+  """A fresh state. A flow map's `teacher` parameters start its weights with
+  `init_from_teacher` (flow_maps.overlay) and stay in it as 'teacher' with `keep_teacher`
+  (the step evaluates them)."""
   params = nnx.to_pure_dict(nnx.state(make_model(rng), nnx.Param))
   if teacher is not None and init_from_teacher:
+    # Copies: under jit an input forwarded unchanged to two outputs would be one buffer, and
+    # the step donates the whole state (params, EMA and teacher alike).
     params = flow_maps.overlay(params, jax.tree.map(jnp.copy, teacher))
   state = state_from_params(params, jax.tree.map(jnp.copy, params), tx, memory=memory)
-  if teacher is not None:
+  if keep_teacher:
     state['teacher'] = teacher
   return state
 
@@ -140,19 +143,23 @@ class TrainSetup:
     class_sizes = None
     if objectives.uses_pafm(config) and config.objective.pafm.stratified:
       class_sizes = pipeline.class_sizes(config.data)
+    options = (flow_maps.FlowMapOptions.from_config(config) if network.is_flow_map(config)
+               else None)
     teacher_net = None
-    if network.is_flow_map(config) and config.objective.flow_map.teacher_workdir:
+    if options is not None and options.reads_teacher:
       teacher_net = network.build_network(config, two_time=False)
     objective = objectives.make_objective(config, class_sizes,
                                           teacher_net and teacher_net.apply)
+    keep_teacher = objective.teacher_apply is not None
     init_fn = functools.partial(
         init_state, make_model=network.model_factory(config), tx=tx, memory=objective.memory,
-        init_from_teacher=bool(objective.flow_map and objective.flow_map.init_from_teacher))
+        init_from_teacher=bool(options and options.init_from_teacher),
+        keep_teacher=keep_teacher)
     abstract_state = jax.eval_shape(init_fn, jax.random.key(config.seed),
                                     teacher_net and teacher_net.abstract_params)
     rules = tuple(config.logical_axis_rules)
     shardings = state_shardings(abstract_state, net, tx, mesh, rules, objective.memory,
-                                teacher_net)
+                                teacher_net if keep_teacher else None)
     return cls(config, mesh, net, tx, init_fn, abstract_state, shardings,
                batch_contract.batch_spec(config), rules, objective, teacher_net)
 
@@ -162,8 +169,12 @@ class TrainSetup:
     teacher = None
     if self.teacher_net is not None:
       workdir = self.config.objective.flow_map.teacher_workdir
-      teacher, step = checkpointing.restore_params(
-          workdir, self.sharded_abstract_state()['teacher'], use_ema=True)
+      flow_maps.check_teacher(self.config, workdir)
+      shardings = sharding.tree_shardings(self.teacher_net.abstract_params,
+                                          self.teacher_net.logical_axes, self.mesh, self.rules)
+      abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              self.teacher_net.abstract_params, shardings)
+      teacher, step = checkpointing.restore_params(workdir, abstract, use_ema=True)
       logging.info('flow-map teacher: EMA weights of step %d from %s', step, workdir)
     return jax.jit(self.init_fn, out_shardings=self.state_shardings)(
         jax.random.key(self.config.seed), teacher)

@@ -30,8 +30,6 @@ _FLOW_MAP = {'objective.name': 'flow_map'}
     ({'retrieval.mode': 'clean'}, "config.retrieval.mode='noisy'"),
     ({'sample.method': 'flow_map'}, "objective.name='flow_map'"),
     ({**_FLOW_MAP, 'objective.flow_map.loss': 'lmd'}, 'teacher_workdir'),
-    ({**_FLOW_MAP, 'objective.flow_map.diagonal_target': 'teacher',
-      'objective.flow_map.teacher_workdir': '/nonexistent/run'}, 'train the teacher first'),
     ({**_FLOW_MAP, 'objective.flow_map.diagonal_fraction': 0.25}, 'too small'),
     ({**_FLOW_MAP, 'objective.flow_map.pair_sampling': 'sorted'}, "pair_sampling='below'"),
 ])

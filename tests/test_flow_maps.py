@@ -298,6 +298,41 @@ def test_trained_small_map_reproduces_the_exact_map(loss, diagonal_fraction, tol
   assert max(errors.values()) < tolerance, errors
 
 
+# ------------------------------------------------------------------ times and weights
+
+
+@pytest.mark.parametrize('pair_sampling', flow_maps.PAIR_SAMPLINGS)
+def test_pair_times_lie_in_order_with_the_diagonal_share(pair_sampling):
+  """0 ≤ t ≤ u ≤ s, exactly round(f·B) diagonal rows (t = u = s) and none elsewhere; 'below'
+  keeps s and makes t/s uniform (Kolmogorov–Smirnov against U(0, 1))."""
+  from scipy import stats
+  b = 4000
+  options = flow_maps.FlowMapOptions(diagonal_fraction=0.3, pair_sampling=pair_sampling)
+  s0 = jax.random.uniform(jax.random.key(1), (b,))
+  draw = lambda key: jax.random.uniform(key, (b,))
+  s, t, u, diagonal = flow_maps.pair_times(jax.random.key(2), s0, options, draw)
+  s, t, u, diagonal = map(np.asarray, (s, t, u, diagonal))
+  assert diagonal.sum() == 1200
+  assert np.all((0 <= t) & (t <= u) & (u <= s) & (s <= 1))
+  np.testing.assert_array_equal(t[diagonal], s[diagonal])
+  assert np.all(t[~diagonal] < s[~diagonal])
+  if pair_sampling == 'below':
+    np.testing.assert_array_equal(s, np.asarray(s0))
+    assert stats.kstest(t[~diagonal] / s[~diagonal], 'uniform').pvalue > 1e-3
+  else:   # the max and min of two uniforms: s ~ Beta(2, 1), t ~ Beta(1, 2)
+    assert stats.kstest(s[~diagonal], stats.beta(2, 1).cdf).pvalue > 1e-3
+    assert stats.kstest(t[~diagonal], stats.beta(1, 2).cdf).pvalue > 1e-3
+
+
+def test_adaptive_weight_is_meanflows_and_carries_no_gradient():
+  e = jnp.array([0.0, 1e-3, 0.5, 4.0])
+  np.testing.assert_allclose(flow_maps.adaptive_weight(e, 1.0), 1 / (e + 1e-3), rtol=1e-12)
+  np.testing.assert_allclose(flow_maps.adaptive_weight(e, 0.5), (e + 1e-3) ** -0.5, rtol=1e-12)
+  np.testing.assert_array_equal(flow_maps.adaptive_weight(e, 0.0), jnp.ones(4))
+  grad = jax.grad(lambda x: jnp.sum(flow_maps.adaptive_weight(x, 1.0) * x))(e)
+  np.testing.assert_allclose(grad, 1 / (e + 1e-3), rtol=1e-12)   # d/dx [sg(w)·x] = w
+
+
 # ------------------------------------------------------------------ the few-step sampler
 
 
@@ -336,16 +371,19 @@ def test_sampler_registry_runs_a_flow_map_network_with_guidance():
 # ------------------------------------------------------------------ the sharded step
 
 
-def _teacher_run(config, workdir) -> None:
-  """A velocity 'run' in workdir: a perturbed initial state saved as checkpoint 1."""
+def _teacher_run(config, workdir):
+  """A velocity 'run' in workdir: a perturbed initial state saved as checkpoint 1; returns
+  its EMA parameters (what a student reads)."""
   mesh = sharding.create_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
   state = train_state.TrainSetup.create(config, mesh).init()
   leaves, treedef = jax.tree.flatten(state['ema_params'])
   keys = jax.random.split(jax.random.key(5), len(leaves))
   state['ema_params'] = jax.tree.unflatten(
       treedef, [a + 0.02 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+  ema = jax.device_get(state['ema_params'])
   checkpointing.save_imported(str(workdir), 1, state)
   checkpointing.save_config(config, str(workdir))
+  return ema
 
 
 @pytest.mark.slow
@@ -358,7 +396,7 @@ def test_sharded_flow_map_step_matches_single_device(fmnist_tfds_dir, tmp_path, 
   with jax.enable_x64(False):
     teacher_dir = tmp_path / 'teacher'
     if diagonal_target == 'teacher':
-      _teacher_run(tiny_config(fmnist_tfds_dir), teacher_dir)
+      teacher_ema = _teacher_run(tiny_config(fmnist_tfds_dir), teacher_dir)
     config = tiny_config(fmnist_tfds_dir, **{
         'objective.name': 'flow_map', 'objective.flow_map.loss': loss,
         'objective.flow_map.diagonal_target': diagonal_target,
@@ -378,20 +416,51 @@ def test_sharded_flow_map_step_matches_single_device(fmnist_tfds_dir, tmp_path, 
       np.testing.assert_allclose(np.asarray(flat8[path]), np.asarray(a), rtol=1e-5, atol=1e-6,
                                  err_msg=jax.tree_util.keystr(path))
     if diagonal_target == 'teacher':
-      # The student started as the teacher (its gap embedder at zero) and the teacher stayed.
+      # The teacher stays the saved EMA weights, FSDP-sharded like the student's.
+      for path, a in jax.tree.leaves_with_path(teacher_ema):
+        np.testing.assert_array_equal(np.asarray(dict(jax.tree.leaves_with_path(
+            s8['teacher']))[path]), np.asarray(a), err_msg=jax.tree_util.keystr(path))
       teacher_kernel = s8['teacher']['blocks'][0]['mlp']['fc1']['kernel']
       assert {sh.data.shape for sh in teacher_kernel.addressable_shards} == {(32, 512)}
       assert 'gap_embedder' in s8['params'] and 'gap_embedder' not in s8['teacher']
+    else:
+      assert 'teacher' not in s8
+
+
+@pytest.mark.slow
+def test_resumed_distillation_needs_no_teacher_and_is_bit_identical(fmnist_tfds_dir, tmp_path):
+  """lmd with a guided teacher: 3 steps, stop, delete the teacher's run, resume to 6 == 6
+  uninterrupted steps (the teacher travels in the checkpoint)."""
+  import shutil
+  from pafm_jax import train
+  with jax.enable_x64(False):
+    teacher_dir = tmp_path / 'teacher'
+    _teacher_run(tiny_config(fmnist_tfds_dir), teacher_dir)
+    over = {'objective.name': 'flow_map', 'objective.flow_map.loss': 'lmd',
+            'objective.flow_map.diagonal_target': 'teacher',
+            'objective.flow_map.teacher_cfg_scale': 1.5,
+            'objective.flow_map.teacher_workdir': str(teacher_dir),
+            'checkpoint_every_steps': 100, 'sample.method': 'flow_map'}
+    resumed_dir, straight_dir = str(tmp_path / 'resumed'), str(tmp_path / 'straight')
+    train.train_and_evaluate(tiny_config(fmnist_tfds_dir, total_steps=3, **over), resumed_dir)
+    c_full = tiny_config(fmnist_tfds_dir, total_steps=6, **over)
+    straight = train.train_and_evaluate(c_full, straight_dir)['state']
+    shutil.rmtree(teacher_dir)
+    resumed = train.train_and_evaluate(c_full, resumed_dir)['state']
+    assert set(resumed) == set(straight) and 'teacher' in resumed
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_flow_map_configs_validate_and_a_missing_teacher_is_named(tmp_path):
   """fmnist_meanflow validates as it is; fmnist_flowmap without its teacher's run is refused
   with the command that trains it, before anything is read or written."""
   from configs import fmnist_flowmap, fmnist_meanflow
-  from pafm_jax import config_checks
+  from pafm_jax import config_checks, train
   config_checks.validate(fmnist_meanflow.get_config(), 2, 1)
   c = fmnist_flowmap.get_config()
   c.objective.flow_map.teacher_workdir = str(tmp_path / 'fmnist_sit')
+  c.data.tfds_dir = str(tmp_path / 'tfds')
   with pytest.raises(ValueError, match='configs/fmnist_sit.py'):
-    config_checks.validate(c, 2, 1)
+    train.train_and_evaluate(c, str(tmp_path / 'run'))
   assert list(tmp_path.iterdir()) == []
