@@ -5,7 +5,8 @@ import statistics
 import time
 
 import jax
-from pafm_jax import sharding, train, train_state
+import numpy as np
+from pafm_jax import batch_contract, sharding, train, train_state
 
 
 def step_flops(config) -> float:
@@ -57,3 +58,22 @@ def time_alternating(runs: dict[str, dict], rounds: int, steps_per_round: int) -
 
 def median_time(run: dict) -> float:
   return statistics.median(run['times'])
+
+
+def random_batch(config, seed: int = 0) -> dict:
+  """A global batch with every field the config's step reads (batch_contract.batch_spec),
+  random but of the right shape, dtype and range: enough to time a step."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for name, (shape, dtype) in batch_contract.batch_spec(config).items():
+    if name in (batch_contract.LABEL, batch_contract.NEIGHBOUR_LABELS):
+      out[name] = rng.integers(0, config.data.num_classes, shape).astype(dtype)
+    elif np.issubdtype(dtype, np.integer):
+      out[name] = rng.integers(0, 1000, shape).astype(dtype)
+    elif name == batch_contract.T:
+      out[name] = rng.uniform(0, 1, shape).astype(dtype)
+    elif name == batch_contract.EPS:
+      out[name] = rng.standard_normal(shape).astype(dtype)
+    else:
+      out[name] = rng.uniform(-1, 1, shape).astype(dtype)
+  return out

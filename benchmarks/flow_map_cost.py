@@ -45,7 +45,8 @@ def main(_):
   rng = np.random.default_rng(0)
   b, s, c = base.global_batch_size, base.data.image_size, base.data.channels
   batch = {'image': rng.uniform(-1, 1, (b, s, s, c)).astype(np.float32),
-           'label': rng.integers(0, base.data.num_classes, (b,)).astype(np.int32)}
+           'label': rng.integers(0, base.data.num_classes, (b,)).astype(np.int32),
+           'id': np.arange(b, dtype=np.int32)}
   runs = {}
   for name, overrides in variants(FLAGS.teacher_workdir).items():
     config = base.copy_and_resolve_references()

@@ -10,7 +10,6 @@ when --peak_tflops is given), and each variant's median step time relative to th
 
 from absl import app, flags
 import jax
-import numpy as np
 from ml_collections import config_flags
 
 from benchmarks import common
@@ -33,10 +32,8 @@ VARIANTS = {
 def main(_):
   base = FLAGS.config
   mesh = config_checks.validated_mesh(base)
-  rng = np.random.default_rng(0)
-  b, s, c = base.global_batch_size, base.data.image_size, base.data.channels
-  batch = {'image': rng.uniform(-1, 1, (b, s, s, c)).astype(np.float32),
-           'label': rng.integers(0, base.data.num_classes, (b,)).astype(np.int32)}
+  b = base.global_batch_size
+  batch = common.random_batch(base)
 
   runs = {}
   for name, model_overrides in VARIANTS.items():
