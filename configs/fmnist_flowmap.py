@@ -10,8 +10,10 @@ one Euler step of the teacher) and learns φ_{s,t} from the teacher's guided vel
 (CFG 1.5 on t ≤ 0.7, as the teacher samples), so it samples guided at one pass per jump.
 Loss: MeanFlow's identity with the teacher's velocity as v (the Eulerian condition
 ∂_s X + v·∇X = 0); `--config.objective.flow_map.loss=lmd` distils through the Lagrangian
-condition ∂_t X = b(X, t) instead, at about 2.5× the step time here. README "Flow maps"
-has FD against the number of jumps and against the teacher's Euler and Heun.
+condition ∂_t X = b(X, t) instead, at 2.1× the step time here.
+
+Measured (2-core CPU, 2 000 samples, README "Flow maps"): FD 31.4 / 23.0 / 19.2 / 18.8 at
+1 / 2 / 4 / 8 jumps, against 18.7 for the teacher's Heun 32 (64 NFE).
 """
 
 from configs import fmnist_sit

@@ -7,7 +7,10 @@ The two-time SiT-T/4 learns φ_{s,t} = v + (t − s)·dφ_{s,t}/ds with v the st
 posterior-mean velocity of the default job (FM's conditional velocity with
 --config.objective.flow_map.diagonal_target=fm), 75 % of the rows on the diagonal and
 MeanFlow's adaptive loss weight (p = 1). One jvp makes a step about 1.2× the default job's.
-Samples in any number of jumps (config.sample.num_steps); README "Flow maps" has the table.
+Samples in any number of jumps (config.sample.num_steps), guided at CFG 1.5 on t ≤ 0.7.
+
+Measured (2-core CPU, 2 000 samples, README "Flow maps"): FD 42.3 / 21.6 / 19.6 / 17.0 at
+1 / 2 / 4 / 8 jumps (with FM's velocity instead: 38.2 / 20.9 / 17.7 / 15.6, one seed each).
 """
 
 from configs import fmnist_sit
