@@ -174,15 +174,11 @@ def adaptive_weight(per_sample: jax.Array, power: float) -> jax.Array:
 
 def check_config(config) -> None:
   f = config.objective.flow_map
-  if f.loss not in LOSSES:
-    raise ValueError(f'unknown flow-map loss {f.loss!r}; config.objective.flow_map.loss must be '
-                     f'one of {LOSSES}.')
-  if f.diagonal_target not in DIAGONAL_TARGETS:
-    raise ValueError(f'config.objective.flow_map.diagonal_target must be one of '
-                     f'{DIAGONAL_TARGETS}, got {f.diagonal_target!r}.')
-  if f.pair_sampling not in PAIR_SAMPLINGS:
-    raise ValueError(f'config.objective.flow_map.pair_sampling must be one of {PAIR_SAMPLINGS},'
-                     f' got {f.pair_sampling!r}.')
+  for field, choices in (('loss', LOSSES), ('diagonal_target', DIAGONAL_TARGETS),
+                         ('pair_sampling', PAIR_SAMPLINGS)):
+    if f[field] not in choices:
+      raise ValueError(f'config.objective.flow_map.{field} must be one of {choices}, got '
+                       f'{f[field]!r}.')
   if not 0.0 <= f.diagonal_fraction <= 1.0:
     raise ValueError('config.objective.flow_map.diagonal_fraction must lie in [0, 1], got '
                      f'{f.diagonal_fraction}.')
