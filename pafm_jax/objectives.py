@@ -362,7 +362,8 @@ def flow_map_loss(apply_fn, params, batch: dict, rng: jax.Array, *, path,
   on the velocity target and the others on the chosen consistency target.
 
   apply_fn(params, x, s, y, t_end) is φ_{s,t_end}(x); teacher(x, t, y) a frozen velocity
-  (train.py guides it as the options say), used by 'lmd' and by target_fn=None (the teacher on the diagonal).
+  (train.py guides it as the options say), used by 'lmd' and, with target_fn=None, on the
+  diagonal.
   batch: as for `velocity_loss`; its 't' is the data time s. Returns (mean loss, aux) with
   aux['per_sample'] the [B] squared errors before adaptive weighting and aux['t'] = s.
   """

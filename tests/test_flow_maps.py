@@ -252,7 +252,8 @@ def _train_mlp_map(loss: str, diagonal_target: str, steps: int, seed: int = 0, l
       objectives.flow_map_loss, apply_fn, path=paths.LinearPath(), options=options,
       target_fn=target_fn, t_sampling='uniform', label_drop=0.0, null_label=1,
       teacher=lambda x, t, y: GAUSS.velocity(x, t))
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(optax.cosine_decay_schedule(lr, steps)))
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   optax.adam(optax.cosine_decay_schedule(lr, steps)))
   opt_state = tx.init(params)
 
   @jax.jit
