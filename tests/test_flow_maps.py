@@ -19,10 +19,9 @@ from flax import nnx
 
 from pafm_jax import batch_contract as fields
 from pafm_jax import checkpointing, flow_maps, objectives, paths, sampling, sharding, train_state
-from pafm_jax.data import pipeline
 from pafm_jax.models import sit
 from pafm_jax.sampling import flow_map as flow_map_sampler
-from tests.test_train import _run_steps, tiny_config
+from tests.test_train import assert_sharded_step_matches_single_device, tiny_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,18 +406,7 @@ def test_sharded_flow_map_step_matches_single_device(fmnist_tfds_dir, tmp_path, 
         'objective.flow_map.teacher_cfg_scale': 1.5,
         'objective.flow_map.teacher_workdir':
             str(teacher_dir) if diagonal_target == 'teacher' else ''})
-    it = pipeline.create_train_iterator(config.data, local_batch_size=16, process_index=0,
-                                        process_count=1, seed=0)
-    batches = [next(it) for _ in range(3)]
-    single = sharding.create_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
-    multi = sharding.create_mesh({'data': 2, 'fsdp': 4})
-    s1, l1 = _run_steps(config, single, batches)
-    s8, l8 = _run_steps(config, multi, batches)
-    np.testing.assert_allclose(l8, l1, rtol=1e-5)
-    flat8 = dict(jax.tree.leaves_with_path(s8['params']))
-    for path, a in jax.tree.leaves_with_path(s1['params']):
-      np.testing.assert_allclose(np.asarray(flat8[path]), np.asarray(a), rtol=1e-5, atol=1e-6,
-                                 err_msg=jax.tree_util.keystr(path))
+    _, s8 = assert_sharded_step_matches_single_device(config)
     if diagonal_target == 'teacher':
       # The teacher stays the saved EMA weights, FSDP-sharded like the student's.
       for path, a in jax.tree.leaves_with_path(teacher_ema):

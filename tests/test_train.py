@@ -105,6 +105,24 @@ def _run_steps(config, mesh, batches):
   return state, losses
 
 
+def assert_sharded_step_matches_single_device(config):
+  """Three real batches through the (data=2, fsdp=4) step on 8 devices and through the
+  one-device step: the same losses and params (≤ 1e-5); returns both final states."""
+  it = pipeline.create_train_iterator(config.data, local_batch_size=16, process_index=0,
+                                      process_count=1, seed=0)
+  batches = [next(it) for _ in range(3)]
+  single = sharding.create_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
+  multi = sharding.create_mesh({'data': 2, 'fsdp': 4})
+  s1, l1 = _run_steps(config, single, batches)
+  s8, l8 = _run_steps(config, multi, batches)
+  np.testing.assert_allclose(l8, l1, rtol=1e-5)
+  flat8 = dict(jax.tree.leaves_with_path(s8['params']))
+  for path, a in jax.tree.leaves_with_path(s1['params']):
+    np.testing.assert_allclose(np.asarray(flat8[path]), np.asarray(a), rtol=1e-5, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+  return s1, s8
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('objective', ['fm', 'pafm', 'stablevm'])
 def test_sharded_step_matches_single_device(fmnist_tfds_dir, objective):
@@ -117,20 +135,7 @@ def test_sharded_step_matches_single_device(fmnist_tfds_dir, objective):
   assert jax.device_count() == 8
   config = tiny_config(fmnist_tfds_dir, **{'objective.name': objective,
                                            'objective.stablevm.bank_capacity': 8})
-  it = pipeline.create_train_iterator(config.data, local_batch_size=16, process_index=0,
-                                      process_count=1, seed=0)
-  batches = [next(it) for _ in range(3)]
-  single = sharding.create_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
-  multi = sharding.create_mesh({'data': 2, 'fsdp': 4})
-  s1, l1 = _run_steps(config, single, batches)
-  s8, l8 = _run_steps(config, multi, batches)
-  np.testing.assert_allclose(l8, l1, rtol=1e-5)
-  flat1 = jax.tree.leaves_with_path(s1['params'])
-  flat8 = dict(jax.tree.leaves_with_path(s8['params']))
-  for path, a in flat1:
-    b = flat8[path]
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6,
-                               err_msg=jax.tree_util.keystr(path))
+  s1, s8 = assert_sharded_step_matches_single_device(config)
   # Parameters really are FSDP-sharded: the hidden dim (128) split 4 ways.
   fc1 = s8['params']['blocks'][0]['mlp']['fc1']['kernel']
   assert fc1.shape == (128, 512)
