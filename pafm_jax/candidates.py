@@ -73,6 +73,11 @@ class Candidates:
 
 # ------------------------------------------------------------------------------- sources
 
+# Per-candidate embeddings a condition term may read: the batch field of the rows' own
+# endpoints → that of the retrieved neighbours.
+EMBEDDINGS = {fields.COND_EMBEDDING: fields.NEIGHBOUR_COND_EMBEDDING,
+              fields.IMAGE_EMBEDDING: fields.NEIGHBOUR_IMAGE_EMBEDDING}
+
 
 @dataclasses.dataclass(frozen=True)
 class OwnEndpoint:
@@ -83,7 +88,7 @@ class OwnEndpoint:
   def candidates(self, rows: Rows) -> Candidates:
     batch = rows.batch
     x0 = rows.x0.astype(jnp.float32)
-    emb = {k: batch[k][:, None] for k in (fields.COND_EMBEDDING,) if k in batch}
+    emb = {k: batch[k][:, None] for k in EMBEDDINGS if k in batch}
     return Candidates(
         self.name, posterior.proximity_scores(rows.x_t, rows.t, rows.x0[:, None], rows.path),
         lambda w: paths.bcast(w[:, 0], x0) * x0, labels=batch[fields.LABEL][:, None],
@@ -98,7 +103,7 @@ class GlobalBatch:
 
   def candidates(self, rows: Rows) -> Candidates:
     batch = rows.batch
-    emb = {k: batch[k] for k in (fields.COND_EMBEDDING,) if k in batch}
+    emb = {k: batch[k] for k in EMBEDDINGS if k in batch}
     return Candidates(
         self.name, posterior.in_batch_proximity_scores(rows.x_t, rows.t, rows.x0, rows.path),
         lambda w: posterior.in_batch_posterior_mean(w, rows.x0), labels=batch[fields.LABEL],
@@ -114,8 +119,7 @@ class Retrieved:
   def candidates(self, rows: Rows) -> Candidates:
     batch = rows.batch
     nbrs = batch[fields.NEIGHBOURS]
-    emb = {fields.COND_EMBEDDING: batch[fields.NEIGHBOUR_COND_EMBEDDING]} if (
-        fields.NEIGHBOUR_COND_EMBEDDING in batch) else {}
+    emb = {k: batch[n] for k, n in EMBEDDINGS.items() if n in batch}
     return Candidates(
         self.name, posterior.proximity_scores(rows.x_t, rows.t, nbrs, rows.path),
         lambda w: posterior.posterior_mean(w, nbrs), labels=batch[fields.NEIGHBOUR_LABELS],
@@ -195,7 +199,7 @@ class Estimator:
   """A posterior-mean target: its sources, condition term and combination settings.
 
   class_sizes: per-class dataset sizes; given, the batch source is stratified against the
-  exact (retrieved) stratum. t_min: plain FM below it. temperature: of the likelihood.
+  exact (retrieved) stratum (one size: the whole dataset is one partition, as for text). t_min: plain FM below it. temperature: of the likelihood.
   """
   sources: tuple
   condition: Callable | None = None
@@ -240,7 +244,10 @@ class Estimator:
     exact = [o for o in stronger if o.exact_stratum]
     if self.class_sizes is not None and c.labels is not None and c.labels.ndim == 1 and exact:
       covered = duplicates(c.ids, exact[0].ids, b)
-      logp = logp + stratum_log_weights(self.class_sizes, covered, c.labels,
+      # One stratum size: the dataset is one partition (text data, whose retrieval ignores
+      # labels), so every item outside S stands for the rest of the whole dataset.
+      strata = c.labels if len(self.class_sizes) > 1 else jnp.zeros_like(c.labels)
+      logp = logp + stratum_log_weights(self.class_sizes, covered, strata,
                                         exact[0].ids.shape[1])
     return logp
 

@@ -58,6 +58,7 @@ PAFM_SOURCES = {
     'batch+retrieved': (candidates.GlobalBatch(), candidates.Retrieved()),
 }
 CONDITIONS = ('class', 'text')
+TEXT_CANDIDATES = ('caption', 'image')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +71,8 @@ class PAFMOptions:
     set S is exact, in-batch candidates outside S stand for the rest of their class.
   t_min: below it the target is plain FM. temperature: likelihood temperature (1 = exact).
   condition: 'class' (mask by label) or 'text' (cos(e_i, e_j)/text_tau of the batch fields
-    `cond_embedding` [B, E] and the candidates' own caption embeddings).
+    `cond_embedding` [B, E] and the candidates' embeddings: their own captions' for
+    text_candidate='caption', their images' under the LiT tower for 'image').
   """
   sources: str = 'batch'
   stratified: bool = False
@@ -78,10 +80,13 @@ class PAFMOptions:
   temperature: float = 1.0
   condition: str = 'class'
   text_tau: float = 0.1
+  text_candidate: str = 'caption'
   class_sizes: tuple[int, ...] | None = None
 
   def estimator(self) -> candidates.Estimator:
-    condition = (candidates.TextSimilarity(self.text_tau) if self.condition == 'text'
+    field = {'caption': fields.COND_EMBEDDING,
+             'image': fields.IMAGE_EMBEDDING}[self.text_candidate]
+    condition = (candidates.TextSimilarity(self.text_tau, field) if self.condition == 'text'
                  else candidates.ClassMask())
     return candidates.Estimator(
         PAFM_SOURCES[self.sources], condition,
@@ -245,11 +250,21 @@ def _check_pafm_config(config) -> None:
   if p.condition not in CONDITIONS:
     raise ValueError(f'config.objective.pafm.condition must be one of {CONDITIONS}, got '
                      f'{p.condition!r}.')
-  if p.condition == 'text':
+  if p.condition == 'text' and not fields.is_text_conditional(config):
     raise ValueError(
-        "config.objective.pafm.condition='text' needs a text-conditional model and captioned "
-        'data with condition embeddings, which pafm_jax does not wire yet (the MMDiT/text '
-        "work adds them). Use config.objective.pafm.condition='class'.")
+        "config.objective.pafm.condition='text' weighs candidates by their captions: it needs "
+        "captioned data (config.data.name='fashion_mnist_captions' or 'captioned'). Use "
+        "config.objective.pafm.condition='class' for class-labelled data.")
+  if p.text_candidate not in TEXT_CANDIDATES:
+    raise ValueError(f'config.objective.pafm.text_candidate must be one of {TEXT_CANDIDATES}, '
+                     f'got {p.text_candidate!r}.')
+  if p.condition == 'text' and p.text_candidate == 'image' and not config.data.lit_dir:
+    raise ValueError(
+        "config.objective.pafm.text_candidate='image' scores candidates by their LiT image "
+        'embeddings: train the towers with `python -m pafm_jax.main --mode=train_lit '
+        "--config=<config> --workdir=<dir>` and set config.data.lit_dir to that workdir.")
+  if p.text_tau <= 0:
+    raise ValueError(f'config.objective.pafm.text_tau must be > 0, got {p.text_tau}.')
   if 'retrieved' in p.sources and config.retrieval.mode == 'none':
     raise ValueError(
         f'config.objective.pafm.sources={p.sources!r} asks for retrieved candidates, but no '
@@ -275,10 +290,14 @@ def _pafm_target(config, class_sizes) -> Callable:
   p = config.objective.pafm
   if p.stratified and class_sizes is None:
     raise ValueError('the stratified PAFM combination needs the class sizes of the dataset.')
+  sizes = None if class_sizes is None else tuple(int(n) for n in class_sizes)
+  if sizes is not None and p.condition == 'text':
+    # Text retrieval searches the whole dataset (one partition): one stratum.
+    sizes = (sum(sizes),)
   options = PAFMOptions(
       sources=p.sources, stratified=p.stratified, t_min=p.t_min, temperature=p.temperature,
-      condition=p.condition, text_tau=p.text_tau,
-      class_sizes=None if class_sizes is None else tuple(int(n) for n in class_sizes))
+      condition=p.condition, text_tau=p.text_tau, text_candidate=p.text_candidate,
+      class_sizes=sizes)
   return functools.partial(options.estimator(), null_label=config.data.num_classes)
 
 
@@ -319,14 +338,21 @@ def _field(batch: dict, name: str) -> jax.Array:
   return batch[name]
 
 
+def _labels_condition(batch, labels):
+  del batch
+  return labels
+
+
 def velocity_loss(apply_fn, params, batch: dict, rng: jax.Array, *, path, target_fn,
                   t_sampling: str, label_drop: float, null_label: int,
-                  noise_from_batch: bool = False):
+                  noise_from_batch: bool = False, condition_fn: Callable = _labels_condition):
   """The regression loss shared by every objective.
 
   batch: batch_contract fields, 'image' [B, *S] clean data x0 and 'label' [B] at least; with
   `noise_from_batch` (batch_contract.pipeline_draws_noise: noisy retrieval) also 't' [B] and
   'eps' [B, *S], drawn by the data pipeline instead of here.
+  condition_fn(batch, dropped labels) → the network's condition y (Network.condition: the
+  labels themselves, or a caption's encoding).
   Returns (mean loss, aux) with aux['per_sample'] the [B] losses and aux['t'] the times.
   """
   x0 = _field(batch, fields.IMAGE)
@@ -340,7 +366,7 @@ def velocity_loss(apply_fn, params, batch: dict, rng: jax.Array, *, path, target
   x_t = paths.interpolate(path, x0, eps, t)
   target, diagnostics = target_fn(path, x_t, t, x0, eps, labels, batch)
   target = jax.lax.stop_gradient(target)
-  pred = apply_fn(params, x_t, t, labels)
+  pred = apply_fn(params, x_t, t, condition_fn(batch, labels))
   per_sample = jnp.mean(jnp.square(pred.astype(jnp.float32) - target),
                         axis=tuple(range(1, x0.ndim)))
   return jnp.mean(per_sample), {'per_sample': per_sample, 't': t, **diagnostics}
@@ -357,7 +383,8 @@ def teacher_target(teacher: Callable) -> Callable:
 def flow_map_loss(apply_fn, params, batch: dict, rng: jax.Array, *, path,
                   options: flow_maps.FlowMapOptions, target_fn: Callable | None,
                   t_sampling: str, label_drop: float, null_label: int,
-                  noise_from_batch: bool = False, teacher: Callable | None = None):
+                  noise_from_batch: bool = False, teacher: Callable | None = None,
+                  condition_fn: Callable = _labels_condition):
   """The flow-map loss (flow_maps.py): `velocity_loss`'s regression, with the diagonal rows
   on the velocity target and the others on the chosen consistency target.
 
@@ -380,6 +407,7 @@ def flow_map_loss(apply_fn, params, batch: dict, rng: jax.Array, *, path,
   x_s = paths.interpolate(path, x0, eps, s)
   target_fn = target_fn or teacher_target(teacher)
   velocity, diagnostics = target_fn(path, x_s, s, x0, eps, labels, batch)
+  labels = condition_fn(batch, labels)
   velocity = jax.lax.stop_gradient(velocity)
   phi = lambda x, start, end: apply_fn(params, x, start, labels, end)
   frozen = jax.lax.stop_gradient(params)

@@ -101,6 +101,10 @@ def text_condition_logp(cond_emb: jax.Array, cand_emb: jax.Array, is_null: jax.A
 
   cond_emb: [B, E] (the sample's caption embedding); cand_emb: [B, K, E] or [K, E] (the
   candidates' own caption embeddings, or image embeddings in a joint space); is_null: [B].
+  Returned as (cos − 1)/τ: the same constant 1/τ is taken from every candidate of every
+  source, which the softmax cannot see, and the term stays ≤ 0, so a small τ adds no large
+  number to the likelihood logits (as τ → 0 with one embedding per class the weights become
+  the class mask's, without losing the likelihood's digits).
   """
   e = cond_emb / jnp.linalg.norm(cond_emb, axis=-1, keepdims=True)
   c = cand_emb / jnp.linalg.norm(cand_emb, axis=-1, keepdims=True)
@@ -108,7 +112,7 @@ def text_condition_logp(cond_emb: jax.Array, cand_emb: jax.Array, is_null: jax.A
     sim = jnp.matmul(e, c.T, precision=_HIGHEST)
   else:
     sim = jnp.einsum('be,bke->bk', e, c, precision=_HIGHEST)
-  return jnp.where(is_null[:, None], 0.0, sim / tau)
+  return jnp.where(is_null[:, None], 0.0, (sim - 1.0) / tau)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def make_train_step(config: ml_collections.ConfigDict, net: network.Network,
       path=path, target_fn=objective.target, t_sampling=config.objective.t_sampling,
       # StableVM draws its labels, nulls included, from the bank.
       label_drop=0.0 if prepare is not None else config.objective.label_drop,
-      null_label=net.null_label,
+      null_label=net.null_label, condition_fn=net.condition,
       # `prepare` replaces the batch (by pairs drawn from the bank): the pipeline's noise was
       # drawn for the data batch, not for them.
       noise_from_batch=batch_contract.pipeline_draws_noise(config) and prepare is None)
@@ -68,7 +68,7 @@ def make_train_step(config: ml_collections.ConfigDict, net: network.Network,
     options = objective.flow_map
     teacher = guidance.cfg_velocity(
         lambda x, t, y: objective.teacher_apply(state['teacher'], x, t, y),
-        options.teacher_cfg_scale, net.null_label, options.teacher_guidance_interval)
+        options.teacher_cfg_scale, net.null_condition, options.teacher_guidance_interval)
     return loss_fn(params, batch, rng, teacher=teacher)
 
   def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
@@ -211,6 +211,7 @@ class PeriodicActions:
   inputs: dict
   generate: Callable
   evaluator: runner.Evaluator | None
+  grid_conditions: Any = None  # the sample grid's y: a row per class (or per caption)
   history: list = dataclasses.field(default_factory=list)
   last: dict = dataclasses.field(default_factory=dict)
   # Host time blocked on the data pipeline, as a share of the interval's wall time.
@@ -227,7 +228,7 @@ class PeriodicActions:
     params = state['ema_params'] if config.sample.use_ema else state['params']
     if step % config.sample_every_steps == 0 or is_last:
       rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0x5A3), step)
-      images, _ = self.generate(params, rng, generate_lib.grid_labels(config))
+      images, _ = self.generate(params, rng, self.grid_conditions)
       path = grids.write_sample_grid(images, config.sample.per_class, self.workdir, step,
                                      self.writer)
       logging.info('step %d: sample grid %s', step, path)
@@ -334,10 +335,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       return {'state': state, 'metrics': {}}
     # Built before compiling, so a missing classifier fails fast.
     evaluator = runner.Evaluator(config, setup.net, mesh) if config.eval.every_steps else None
-    generate = generate_lib.make_generator(config, setup.net.apply, setup.net.null_label, mesh,
+    generate = generate_lib.make_generator(config, setup.net.apply, setup.net.null_condition, mesh,
                                            log_progress=False)
+    grid_y, _ = generate_lib.grid_conditions(config, setup.net.family)
     actions = PeriodicActions(config, workdir, setup, manager, writer, data_iter, inputs,
-                              generate, evaluator)
+                              generate, evaluator, grid_y)
     if int(jax.device_get(state['step'])) == 0:
       writer.write_hparams(flatten_config(config))
     state = run_loop(setup, state, data_iter, actions)

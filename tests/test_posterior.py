@@ -291,7 +291,7 @@ def test_stratified_with_the_whole_class_in_the_batch_is_the_exact_marginal():
   assert _rel_err(target, truth) < 1e-4
 
 
-def test_text_condition_term_is_cosine_over_tau_and_null_allows_all():
+def test_text_condition_term_is_cosine_over_tau_shifted_and_null_allows_all():
   rng = np.random.default_rng(8)
   e = rng.normal(size=(5, 6))
   c = rng.normal(size=(5, 7, 6))
@@ -300,7 +300,7 @@ def test_text_condition_term_is_cosine_over_tau_and_null_allows_all():
                                                  jnp.asarray(is_null), 0.07))
   cos = np.einsum('be,bke->bk', e / np.linalg.norm(e, axis=1, keepdims=True),
                   c / np.linalg.norm(c, axis=2, keepdims=True))
-  np.testing.assert_allclose(got, np.where(is_null[:, None], 0.0, cos / 0.07), rtol=1e-5,
+  np.testing.assert_allclose(got, np.where(is_null[:, None], 0.0, (cos - 1) / 0.07), rtol=1e-5,
                              atol=1e-5)
 
 

@@ -58,6 +58,7 @@ import grain
 import numpy as np
 
 from pafm_jax import batch_contract as fields
+from pafm_jax.data import captioned
 
 
 DEFAULT_TFDS_DIR = "~/.cache/pafm_jax/tfds"
@@ -66,6 +67,12 @@ FASHION_MNIST = "fashion_mnist"
 # Thread count for reading batches in the main process (ReadOptions.num_threads), when a
 # config does not say (`data.read_threads`, declared in configs/base.py).
 DEFAULT_READ_THREADS = 2
+# Caption token length of a batch when config.data does not say (`data.max_tokens`).
+DEFAULT_MAX_TOKENS = 32
+# Captioned datasets (data/captioned.py): Fashion-MNIST with templated captions, built on first
+# use, or a directory a user packed (config.data.captioned_dir).
+CAPTIONED = "captioned"
+CAPTIONED_NAMES = fields.CAPTIONED_DATASETS
 
 __all__ = [
   "DEFAULT_TFDS_DIR",
@@ -151,7 +158,7 @@ def validate_data_config(
   for field in ("image_size", "channels", "num_classes"):
     if _get(data_config, field) is not None:
       _check_int(f"config.data.{field}", _get(data_config, field), 1)
-  if name == FASHION_MNIST:
+  if name in (FASHION_MNIST, captioned.FASHION_MNIST_CAPTIONS):
     expected = {"image_size": 28, "channels": 1, "num_classes": 10}
     for field, want in expected.items():
       got = _get(data_config, field)
@@ -206,6 +213,32 @@ def load_source(data_config: Any, split: str | None = None) -> Sequence[dict[str
                                int(_get(data_config, "subset_seed", 0)),
                                int(_get(data_config, "num_classes"))))
   return source
+
+
+def is_captioned(data_config: Any) -> bool:
+  """Whether config.data names a captioned dataset (text conditions in every batch)."""
+  return _get(data_config, "name") in CAPTIONED_NAMES
+
+
+def captioned_root(data_config: Any) -> str:
+  """The directory of a captioned dataset's splits; Fashion-MNIST's is built when missing."""
+  name = _get(data_config, "name")
+  if name == CAPTIONED:
+    root = _get(data_config, "captioned_dir", "")
+    if not root:
+      raise ValueError(
+        "config.data.name='captioned' reads a packed dataset: set config.data.captioned_dir "
+        "to the directory `python -m pafm_jax.tools.pack_captions` wrote.")
+    return os.path.abspath(os.path.expanduser(root))
+  from pafm_jax.data import fashion_mnist  # pylint: disable=g-import-not-at-top
+
+  seed = int(_get(data_config, "caption_seed", 0))
+  root = captioned.fashion_mnist_captions_root(resolve_tfds_dir(data_config), seed)
+  if not all(captioned.is_written(root, s) for s in fashion_mnist.SPLIT_SIZES):
+    idx_dir = _get(data_config, "idx_dir") or fashion_mnist.DEFAULT_IDX_DIR
+    fashion_mnist.check_idx_files(idx_dir)
+    captioned.build_fashion_mnist_captions(root, idx_dir, seed=seed)
+  return root
 
 
 def _subset_per_class(data_config: Any, split: str) -> int:
@@ -280,6 +313,19 @@ class ClassBalancedSubset:
     getitems = getattr(self.source, "__getitems__", None)
     return getitems(outer) if getitems is not None else [self.source[i] for i in outer]
 
+  def __getattr__(self, name: str) -> Any:
+    # A captioned source's batch reader (and its metadata), read through the positions.
+    if name == "read_batch" and hasattr(self.source, "read_batch"):
+      def read_batch(indices, max_tokens):
+        indices = np.asarray(indices, np.int64)
+        batch = self.source.read_batch(self.positions[indices], max_tokens)
+        batch[fields.ID] = indices
+        return batch
+      return read_batch
+    if name in ("metadata", "text_rows", "captions") and "source" in self.__dict__:
+      return getattr(self.source, name)
+    raise AttributeError(name)
+
 
 def _load_whole_source(data_config: Any, split: str) -> Sequence[dict[str, Any]]:
   name = _get(data_config, "name")
@@ -289,6 +335,17 @@ def _load_whole_source(data_config: Any, split: str) -> Sequence[dict[str, Any]]
 
     idx_dir = _get(data_config, "idx_dir") or fashion_mnist.DEFAULT_IDX_DIR
     return fashion_mnist.load_source(tfds_dir, idx_dir, split)
+  if name in CAPTIONED_NAMES:
+    lit_dir = _get(data_config, "lit_dir", "")
+    embeddings = ""
+    if lit_dir:
+      embeddings = captioned.image_embeddings_path(lit_dir, split)
+      if not os.path.isfile(embeddings):
+        raise FileNotFoundError(
+          f"config.data.lit_dir={lit_dir!r} has no {os.path.basename(embeddings)}; train the "
+          "LiT towers there with --mode=train_lit.")
+    return captioned.CaptionedSource(
+      captioned.split_directory(captioned_root(data_config), split), embeddings)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   try:
@@ -313,7 +370,8 @@ def load_arrays(data_config: Any, split: str | None = None) -> tuple[np.ndarray,
   For tools that enumerate the dataset (exact posteriors, benchmarks); training streams.
   """
   source = load_source(data_config, split)
-  batch = _ReadBatch(source, _image_shape(data_config))(np.arange(len(source)))
+  read = _ReadBatch(source, _image_shape(data_config), _max_tokens(data_config))
+  batch = read(np.arange(len(source)))
   return batch["image"], batch["label"]
 
 
@@ -336,6 +394,8 @@ def class_sizes(data_config: Any, split: str | None = None) -> np.ndarray:
 
     idx_dir = _get(data_config, "idx_dir") or fashion_mnist.DEFAULT_IDX_DIR
     return fashion_mnist.class_sizes(split, builder=fashion_mnist.prepare(tfds_dir, idx_dir))
+  if name in CAPTIONED_NAMES:
+    return np.asarray(load_source(data_config, split).metadata["class_sizes"], np.int64)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   meta = tfds.builder(name, data_dir=tfds_dir).info.metadata or {}
@@ -365,35 +425,48 @@ class _ReadBatch:
   A picklable class (not a lambda) so that ``mp_prefetch`` workers can use it.
   """
 
-  def __init__(self, source, image_shape: tuple[int, int, int] | None):
+  def __init__(self, source, image_shape: tuple[int, int, int] | None,
+               max_tokens: int | None = None):
     self._source = source
     self._image_shape = image_shape
+    self._max_tokens = max_tokens
 
   def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     indices = np.asarray(indices, dtype=np.int64)
+    if hasattr(self._source, "read_batch"):  # a captioned source: text fields too
+      batch = self._source.read_batch(indices, self._max_tokens or DEFAULT_MAX_TOKENS)
+      batch[fields.IMAGE] = self._scaled(batch[fields.IMAGE])
+      return batch
     idx_list = [int(i) for i in indices]
     getitems = getattr(self._source, "__getitems__", None)
     records = getitems(idx_list) if getitems is not None else [self._source[i] for i in idx_list]
-    images = np.stack([np.asarray(r["image"]) for r in records])
+    images = self._scaled(np.stack([np.asarray(r["image"]) for r in records]))
+    labels = np.asarray([r["label"] for r in records], dtype=np.int32)
+    # A row's identity is its position in the source, whatever ids the records carry: the
+    # retrieval index stores positions, and duplicate removal compares the two.
+    return {fields.IMAGE: images, fields.LABEL: labels, fields.ID: indices}
+
+  def _scaled(self, images: np.ndarray) -> np.ndarray:
     if self._image_shape is not None and images.shape[1:] != self._image_shape:
       raise ValueError(
         f"dataset images have shape {images.shape[1:]} but config.data "
         f"(image_size, image_size, channels) says {self._image_shape}"
       )
     if images.dtype == np.uint8:
-      images = images.astype(np.float32) * np.float32(1.0 / 127.5) - np.float32(1.0)
-    else:  # e.g. pre-scaled float latents.
-      images = images.astype(np.float32)
-    labels = np.asarray([r["label"] for r in records], dtype=np.int32)
-    # A row's identity is its position in the source, whatever ids the records carry: the
-    # retrieval index stores positions, and duplicate removal compares the two.
-    return {fields.IMAGE: images, fields.LABEL: labels, fields.ID: indices}
+      return images.astype(np.float32) * np.float32(1.0 / 127.5) - np.float32(1.0)
+    return images.astype(np.float32)  # e.g. pre-scaled float latents.
 
 
-def batch_reader(source, image_shape: tuple[int, int, int] | None):
-  """int64 ids [n] → {'image': float32 [n, H, W, C] in [-1, 1], 'label', 'id'}: how every
-  pipeline reads and preprocesses examples (picklable, so workers can use it)."""
-  return _ReadBatch(source, image_shape)
+def batch_reader(source, image_shape: tuple[int, int, int] | None,
+                 max_tokens: int | None = None):
+  """int64 ids [n] → {'image': float32 [n, H, W, C] in [-1, 1], 'label', 'id'} (and the text
+  fields of a captioned source, tokens padded to `max_tokens`): how every pipeline reads and
+  preprocesses examples (picklable, so workers can use it)."""
+  return _ReadBatch(source, image_shape, max_tokens)
+
+
+def _max_tokens(data_config: Any) -> int:
+  return int(_get(data_config, "max_tokens", DEFAULT_MAX_TOKENS) or DEFAULT_MAX_TOKENS)
 
 
 def sample_shape(data_config: Any) -> tuple[int, int, int] | None:
@@ -523,7 +596,7 @@ def create_train_iterator(
     process_count=process_count,
     seed=seed,
   )
-  ds = index_ds.map(_ReadBatch(source, _image_shape(data_config)))
+  ds = index_ds.map(_ReadBatch(source, _image_shape(data_config), _max_tokens(data_config)))
   if extra_stage is not None:
     ds = ds.map_with_index(extra_stage(source, process_index * local_batch_size))
   ds = ds.to_iter_dataset(_read_options(data_config))
@@ -552,7 +625,7 @@ def create_eval_iterator(
   source = load_source(data_config, split)
   ds = grain.MapDataset.range(len(source))[process_index::process_count]
   ds = ds.batch(local_batch_size, drop_remainder=False)
-  ds = ds.map(_ReadBatch(source, _image_shape(data_config)))
+  ds = ds.map(_ReadBatch(source, _image_shape(data_config), _max_tokens(data_config)))
   ds = ds.to_iter_dataset(_read_options(data_config))
   return iter(ds)
 

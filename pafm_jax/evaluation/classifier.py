@@ -105,11 +105,15 @@ def digest(*arrays: np.ndarray) -> str:
 
 def default_directory(config: ml_collections.ConfigDict) -> str:
   """config.eval.classifier_dir, else $PAFM_CLASSIFIER_DIR/<data.name>, else
-  ~/.cache/pafm_jax/classifier/<data.name>."""
+  ~/.cache/pafm_jax/classifier/<data.name> (the images' dataset: captioned Fashion-MNIST's is
+  Fashion-MNIST's)."""
   if config.eval.classifier_dir:
     return config.eval.classifier_dir
   root = os.environ.get(CLASSIFIER_DIR_ENV) or '~/.cache/pafm_jax/classifier'
-  return os.path.join(os.path.expanduser(root), config.data.name)
+  # Captioned Fashion-MNIST has Fashion-MNIST's images and labels: the same classifier (and
+  # so comparable Fréchet distances) serves both.
+  name = {'fashion_mnist_captions': 'fashion_mnist'}.get(config.data.name, config.data.name)
+  return os.path.join(os.path.expanduser(root), name)
 
 
 # -------------------------------------------------------------------------- training

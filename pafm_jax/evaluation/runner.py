@@ -152,15 +152,33 @@ def reference_statistics(config: ml_collections.ConfigDict,
 def make_generator(config: ml_collections.ConfigDict, net: network.Network, mesh,
                    options: sampling.SamplerOptions | None = None) -> Callable:
   """(params, rng, num) → (images [num, H, W, C], labels [num], nfe per sample), the labels
-  cycling through the classes (class-balanced), drawn through sampling's one generator."""
-  generate = generate_lib.make_generator(config, net.apply, net.null_label, mesh, options)
+  cycling through the classes (class-balanced), drawn through sampling's one generator; a
+  text network samples from real captions of those classes (generate.conditions_for_labels).
+  With with_condition=True the condition y the samples were drawn for comes fourth."""
+  generate = generate_lib.make_generator(config, net.apply, net.null_condition, mesh, options)
 
-  def class_balanced(params, rng, num: int):
+  def class_balanced(params, rng, num: int, with_condition: bool = False):
     labels = generate_lib.class_balanced_labels(num, config.data.num_classes)
-    images, nfe = generate(params, rng, labels)
-    return images, labels, nfe
+    y, captions = generate_lib.conditions_for_labels(config, net.family, labels,
+                                                     config.eval.reference_split)
+    images, nfe = generate(params, rng, y)
+    if captions is not None:
+      # Scored against the class each caption names (its own truth where the captions are
+      # templated, else the example's label).
+      labels = caption_classes(config, captions, labels)
+    return (images, labels, nfe, y) if with_condition else (images, labels, nfe)
 
   return class_balanced
+
+
+def caption_classes(config: ml_collections.ConfigDict, captions, labels: np.ndarray):
+  """The class each caption names: read from the caption for Fashion-MNIST's templated
+  captions (data/captions.class_of_caption), else the label of the caption's example."""
+  from pafm_jax.data import captioned, captions as captions_lib  # pylint: disable=g-import-not-at-top
+  if config.data.name != captioned.FASHION_MNIST_CAPTIONS:
+    return labels
+  named = np.asarray([captions_lib.class_of_caption(c) for c in captions], np.int32)
+  return np.where(named >= 0, named, labels)
 
 
 # ------------------------------------------------------------------------- evaluation
@@ -168,9 +186,12 @@ def make_generator(config: ml_collections.ConfigDict, net: network.Network, mesh
 
 def compute_metrics(config: ml_collections.ConfigDict, images: np.ndarray, labels: np.ndarray,
                     extractor: FeatureExtractor, reference: Reference,
-                    train_images: np.ndarray | None) -> dict[str, float]:
+                    train_images: np.ndarray | None, towers=None,
+                    caption_vectors: np.ndarray | None = None) -> dict[str, float]:
   """The metrics of generated images [N, H, W, C] with their labels [N] (module docstring);
-  memorisation only when `train_images` [M, H, W, C] are given."""
+  memorisation only when `train_images` [M, H, W, C] are given; for text samples with LiT
+  `towers`, the mean cosine of each sample's image embedding and its caption's vector
+  (`caption_vectors` [N, E]) and the same for real test pairs."""
   feats, logits = extractor(images)
   mu, sigma = frechet.gaussian_statistics(feats)
   metrics = {'fd': frechet.frechet_distance(mu, sigma, reference.mu, reference.sigma)}
@@ -185,6 +206,10 @@ def compute_metrics(config: ml_collections.ConfigDict, images: np.ndarray, label
   if train_images is not None:
     metrics.update(memorization.memorization_metrics(
         images, train_images, config.eval.memorization_threshold))
+  if towers is not None and caption_vectors is not None:
+    metrics['alignment'] = float(np.mean(np.sum(
+        towers.image(images) * towers.text(caption_vectors), axis=-1)))
+    metrics['alignment_real'] = float(towers.info['test_alignment'])
   return metrics
 
 
@@ -201,16 +226,21 @@ class Evaluator:
           config.data, config.data.split, config.eval.memorization_max_train or None)
     self.options = sampling.SamplerOptions.from_config(config.sample)
     self.generate = make_generator(config, net, mesh, self.options)
+    self.towers = None
+    if net.family == 'text' and config.data.lit_dir:
+      from pafm_jax.text import lit  # pylint: disable=g-import-not-at-top
+      self.towers = lit.load(config.data.lit_dir)
 
   def evaluate(self, params: Any, rng: jax.Array,
                num_samples: int | None = None) -> dict[str, Any]:
     """Samples and scores them: {'metrics', 'images', 'labels', 'seconds'}."""
     num = num_samples or self.config.eval.num_samples
     t0 = time.time()
-    images, labels, nfe = self.generate(params, rng, num)
+    images, labels, nfe, y = self.generate(params, rng, num, with_condition=True)
     t1 = time.time()
     metrics = compute_metrics(self.config, images, labels, self.extractor, self.reference,
-                              self.train_images)
+                              self.train_images, self.towers,
+                              y['pooled'] if isinstance(y, dict) else None)
     metrics['nfe'] = nfe
     seconds = {'sampling': round(t1 - t0, 1), 'metrics': round(time.time() - t1, 1)}
     logging.info('evaluation of %d samples: %s (%s)', num, metrics, seconds)
@@ -238,10 +268,14 @@ def _sampler_tag(options: sampling.SamplerOptions) -> str:
 
 
 def run_sample(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
-  """--mode=sample: a grid PNG (a row per class) and an .npz of samples and labels."""
+  """--mode=sample: a grid PNG (a row per class) and an .npz of samples and labels; for a
+  text network a row per caption (config.sample.captions, typed, or test captions), the
+  captions in a .txt beside it."""
   checkpointing.check_and_save_config(config, workdir)
   mesh, net, params, step = restore_sampling_params(config, workdir)
   options = sampling.SamplerOptions.from_config(config.sample)
+  if net.family == 'text':
+    return _run_text_sample(config, workdir, mesh, net, params, step, options)
   rows = min(config.data.num_classes, 10)
   num = max(config.sample.num_samples, rows * config.sample.per_class)
   images, labels, nfe = make_generator(config, net, mesh, options)(
@@ -261,6 +295,23 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
   return {'grid': str(png), 'npz': str(npz)}
 
 
+def _run_text_sample(config, workdir, mesh, net, params, step, options) -> dict[str, str]:
+  y, captions = generate_lib.grid_conditions(config, 'text', tuple(config.sample.captions))
+  generate = generate_lib.make_generator(config, net.apply, net.null_condition, mesh, options)
+  images, nfe = generate(params, jax.random.fold_in(jax.random.key(config.seed), 0x5A3E), y)
+  tag = f'sample_{step:08d}_{_sampler_tag(options)}'
+  out = checkpointing.workdir_path(workdir) / 'samples'
+  png, txt = out / f'{tag}.png', out / f'{tag}_captions.txt'
+  if jax.process_index() == 0:
+    out.mkdir(parents=True, exist_ok=True)
+    grids.save_grid_png(grids.image_grid(images, config.sample.per_class), png)
+    txt.write_text(''.join(f'row {i + 1}: {c}\n' for i, c in enumerate(captions)))
+    with (out / f'{tag}.npz').open('wb') as f:
+      np.savez(f, samples=images, captions=np.asarray(captions))
+  logging.info('wrote %s (a row per caption, listed in %s; %.1f NFE each)', png, txt, nfe)
+  return {'grid': str(png), 'captions': str(txt), 'npz': str(out / f'{tag}.npz')}
+
+
 def format_table(result: dict[str, Any]) -> str:
   """The eval.json summary as an aligned two-column text table."""
   rows = [('checkpoint step', str(result['step'])),
@@ -271,7 +322,9 @@ def format_table(result: dict[str, Any]) -> str:
            'accuracy': 'conditional accuracy',
            'precision': 'precision (k-NN)', 'recall': 'recall (k-NN)',
            'memorized_fraction': 'memorised (NN ratio < 1/3)',
-           'nn_ratio_median': 'median NN ratio', 'nfe': 'NFE per sample'}
+           'nn_ratio_median': 'median NN ratio', 'nfe': 'NFE per sample',
+           'alignment': 'image–caption cosine (LiT)',
+           'alignment_real': 'image–caption cosine of real test pairs'}
   for key, name in names.items():
     if key in result['metrics']:
       rows.append((name, f'{result["metrics"][key]:.4f}'))

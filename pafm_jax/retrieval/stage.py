@@ -5,6 +5,7 @@ For every row (sample x0 with label y and dataset id) it adds
   neighbours        float32 [b, k, H, W, C]  k same-class dataset items, read from the source
   neighbour_labels  int32 [b, k]
   neighbour_ids     int32 [b, k]
+  neighbour_cond_embedding  float32 [b, k, E]  on captioned data: their own caption vectors
 
 and, in 'noisy' mode, the t [b] and ε [b, H, W, C] that the train step then uses instead of
 drawing its own (batch_contract.pipeline_draws_noise): the query x_t/α_t must be known on the
@@ -53,13 +54,13 @@ class NeighbourStage(grain.transforms.MapWithIndex):
 
   def __init__(self, index: index_lib.NeighbourIndex, source, image_shape, *, mode: str,
                k: int, key: keys_lib.KeyTransform, seed: int, path_name: str,
-               t_sampling: str, row_offset: int):
+               t_sampling: str, row_offset: int, max_tokens: int | None = None):
     if mode not in QUERY_MODES:
       raise ValueError(f'config.retrieval.mode must be one of {QUERY_MODES} here, got '
                        f'{mode!r}.')
     self._index = index
     self._directory = index.directory
-    self._read = pipeline.batch_reader(source, image_shape)
+    self._read = pipeline.batch_reader(source, image_shape, max_tokens)
     self.mode, self.k, self.key = mode, k, key
     self.seed, self.path, self.t_sampling = seed, paths.get_path(path_name), t_sampling
     self.row_offset = row_offset  # this process's first row in the global batch
@@ -111,6 +112,10 @@ class NeighbourStage(grain.transforms.MapWithIndex):
     out.update({fields.NEIGHBOURS: read[fields.IMAGE].reshape(b, self.k, *x0.shape[1:]),
                 fields.NEIGHBOUR_LABELS: read[fields.LABEL].reshape(b, self.k),
                 fields.NEIGHBOUR_IDS: nbr.astype(np.int32)})
+    for own, neighbour in ((fields.COND_EMBEDDING, fields.NEIGHBOUR_COND_EMBEDDING),
+                           (fields.IMAGE_EMBEDDING, fields.NEIGHBOUR_IMAGE_EMBEDDING)):
+      if own in read:
+        out[neighbour] = read[own].reshape(b, self.k, -1)
     return out
 
 
@@ -133,7 +138,7 @@ def stage_factory(config, workdir: str):
         index, source, shape, mode=config.retrieval.mode, k=config.retrieval.k,
         key=keys_lib.KeyTransform.from_config(config), seed=config.seed,
         path_name=config.objective.path, t_sampling=config.objective.t_sampling,
-        row_offset=first_row)
+        row_offset=first_row, max_tokens=config.data.get('max_tokens'))
 
   return factory, index
 

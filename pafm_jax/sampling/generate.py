@@ -44,13 +44,48 @@ def grid_labels(config: ml_collections.ConfigDict) -> np.ndarray:
   return np.repeat(np.arange(rows), config.sample.per_class).astype(np.int32)
 
 
+def conditions_for_labels(config: ml_collections.ConfigDict, family: str, labels: np.ndarray,
+                          split: str = 'test'):
+  """(y, captions) to sample `labels` [N]: the labels themselves (captions None), or for a
+  text network a real caption of `split` for each label (data/captioned.py)."""
+  if family == 'class':
+    return labels, None
+  from pafm_jax.data import captioned, pipeline  # pylint: disable=g-import-not-at-top
+  source = pipeline.load_source(config.data, split)
+  y, captions, _ = captioned.captions_for_labels(source, labels, config.data.max_tokens)
+  return y, captions
+
+
+def grid_conditions(config: ml_collections.ConfigDict, family: str, captions=()):
+  """(y, row titles) of a sample grid with config.sample.per_class columns: a row per class,
+  or for a text network a row per caption (typed `captions`, encoded now, or else the first
+  caption of each class in the test split)."""
+  labels = grid_labels(config)
+  if family == 'class':
+    return labels, None
+  from pafm_jax.data import captioned, pipeline  # pylint: disable=g-import-not-at-top
+  per_row = config.sample.per_class
+  if captions:
+    from pafm_jax import text  # pylint: disable=g-import-not-at-top
+    rows = captioned.typed_captions(text.load_encoder(config.text.encoder or None),
+                                    list(captions), config.data.max_tokens)
+    titles = list(captions)
+  else:
+    source = pipeline.load_source(config.data, 'test')
+    rows, titles, _ = captioned.captions_for_labels(source, labels[::per_row],
+                                                    config.data.max_tokens)
+  return {k: np.repeat(v, per_row, axis=0) for k, v in rows.items()}, titles
+
+
 def make_generator(config: ml_collections.ConfigDict, apply_fn: Callable, null_label: int,
                    mesh, options: sampler.SamplerOptions | None = None,
                    log_progress: bool = True) -> Callable:
   """(params, rng, labels [N]) → (images [N, H, W, C], nfe per sample).
 
-  Batches of `sample_batch_size` run through one compiled, batch-sharded sampler (the last
-  one padded by repeating labels); batch `start` draws its noise from fold_in(rng, start).
+  `labels` may be any condition pytree of [N, ...] host arrays (captions' encodings for a
+  text network). Batches of `sample_batch_size` run through one compiled, batch-sharded
+  sampler (the last one padded by repeating conditions); batch `start` draws its noise from
+  fold_in(rng, start).
   """
   options = options or sampler.SamplerOptions.from_config(config.sample)
   shape = (config.data.image_size, config.data.image_size, config.data.channels)
@@ -59,17 +94,18 @@ def make_generator(config: ml_collections.ConfigDict, apply_fn: Callable, null_l
   shards = sharding.num_batch_shards(mesh)
 
   def generate(params, rng, labels: np.ndarray):
-    num = len(labels)
+    num = len(jax.tree.leaves(labels)[0])
     batch = min(sample_batch_size(config, mesh), -(-num // shards) * shards)
     images, nfes = [], []
     t0 = time.time()
     for start in range(0, num, batch):
-      chunk = labels[start:start + batch]
-      padded = np.resize(chunk, batch)   # repeats labels to fill the last batch
-      x, nfe = draw(params, jax.random.fold_in(rng, start), jnp.asarray(padded))
-      images.append(gather(x)[:len(chunk)])
+      rows = np.arange(start, min(num, start + batch))
+      padded = np.resize(rows, batch)   # repeats conditions to fill the last batch
+      chunk = jax.tree.map(lambda y: jnp.asarray(np.asarray(y)[padded]), labels)
+      x, nfe = draw(params, jax.random.fold_in(rng, start), chunk)
+      images.append(gather(x)[:len(rows)])
       nfes.append(float(nfe))
-      done = start + len(chunk)
+      done = start + len(rows)
       rate = done / max(time.time() - t0, 1e-9)
       if log_progress:
         logging.info('sampled %d/%d (%.1f samples/s, ETA %.0f s, %.1f NFE)', done, num, rate,

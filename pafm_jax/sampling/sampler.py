@@ -79,13 +79,14 @@ def sample_with_nfe(velocity_fn: VelocityFn, rng: jax.Array, labels: jax.Array,
                     shape: tuple[int, ...], options: SamplerOptions, *,
                     null_label: int | None = None, path=None,
                     noise_sharding: NamedSharding | None = None) -> tuple[jax.Array, Any]:
-  """Draws x0 for `labels` [B] from noise of `shape` (no batch dim); returns (x0, nfe).
+  """Draws x0 for `labels` [B] (or any condition pytree of [B, ...] arrays, e.g. captions'
+  encodings) from noise of `shape` (no batch dim); returns (x0, nfe).
 
   The noise is N(0, I) drawn from `rng` itself; stochastic samplers draw from a key folded
   from it. nfe is an int for the fixed-step methods and a traced scalar for dopri5.
   """
   path = path or paths.LinearPath()
-  x1 = jax.random.normal(rng, (labels.shape[0], *shape), jnp.float32)
+  x1 = jax.random.normal(rng, (jax.tree.leaves(labels)[0].shape[0], *shape), jnp.float32)
   if noise_sharding is not None:
     x1 = jax.lax.with_sharding_constraint(x1, noise_sharding)
   step_rng = jax.random.fold_in(rng, 1)
@@ -136,7 +137,8 @@ def make_batch_sampler(apply_fn: Callable, mesh, shape: tuple[int, ...],
   replicated = NamedSharding(mesh, P())
 
   def draw(params, rng, labels):
-    labels = jax.lax.with_sharding_constraint(labels, label_sharding)
+    labels = jax.tree.map(lambda y: jax.lax.with_sharding_constraint(
+        y, sharding.batch_sharding(mesh, y.ndim)), labels)
     return sample_with_nfe(lambda x, t, y, *t_end: apply_fn(params, x, t, y, *t_end), rng,
                            labels, shape, options, null_label=null_label, path=path,
                            noise_sharding=x_sharding)

@@ -27,10 +27,12 @@ from pafm_jax.text import bert
 # Longest caption in tokens (sentence-transformers' all-MiniLM-L6-v2 uses 256; captions here
 # are short, and the fixed length keeps one compiled encoder per batch size).
 MAX_TOKENS = 128
+DEFAULT_ENCODER_NAME = 'sentence-transformers/all-MiniLM-L6-v2'
 
 
 class TextEncoder(Protocol):
   """What the data layer and the condition terms need of a text encoder."""
+  name: str     # recorded with a dataset's encodings
   width: int
 
   def encode(self, sentences: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -57,6 +59,7 @@ class BertTextEncoder:
   params: Any
   tokenizer: Any
   max_tokens: int = MAX_TOKENS
+  name: str = 'bert'
 
   def __post_init__(self):
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: bert.BertEncoder(self.shape, nnx.Rngs(0))))
@@ -94,8 +97,17 @@ class BertTextEncoder:
 
 def load_encoder(path: str | pathlib.Path | None = None) -> BertTextEncoder:
   """The BERT-family encoder in directory `path` (default: all-MiniLM-L6-v2's)."""
-  shape, params, tokenizer = bert.read_directory(path or default_model_path())
-  return BertTextEncoder(shape, params, tokenizer)
+  path = pathlib.Path(path or default_model_path())
+  shape, params, tokenizer = bert.read_directory(path)
+  return BertTextEncoder(shape, params, tokenizer, name=encoder_name(path))
+
+
+def encoder_name(path: pathlib.Path) -> str:
+  """The default encoder's model name, or the folder's name for another one."""
+  path = path.resolve()
+  if path == default_model_path().resolve():
+    return DEFAULT_ENCODER_NAME
+  return path.name
 
 
 @functools.lru_cache(maxsize=1)
