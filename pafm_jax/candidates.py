@@ -199,7 +199,8 @@ class Estimator:
   """A posterior-mean target: its sources, condition term and combination settings.
 
   class_sizes: per-class dataset sizes; given, the batch source is stratified against the
-  exact (retrieved) stratum (one size: the whole dataset is one partition, as for text). t_min: plain FM below it. temperature: of the likelihood.
+  exact (retrieved) stratum (one size: the whole dataset is one partition, as for text).
+  t_min: plain FM below it. temperature: of the likelihood.
   """
   sources: tuple
   condition: Callable | None = None

@@ -24,7 +24,8 @@ import orbax.checkpoint as ocp
 
 # Config fields that fix the shapes of the saved parameters: a workdir that was trained with
 # other values cannot be resumed with these.
-SHAPE_FIELDS = ('model.name', 'data.image_size', 'data.channels', 'data.num_classes')
+SHAPE_FIELDS = ('model.name', 'data.image_size', 'data.channels', 'data.num_classes',
+                'data.text_width')
 
 
 def create_manager(workdir: str, *, save_every: int, max_to_keep: int,

@@ -43,6 +43,7 @@ from pafm_jax import batch_contract as fields
 FORMAT = 'pafm_jax.captioned/1'
 FASHION_MNIST_CAPTIONS = fields.CAPTIONED_DATASETS[0]
 NULL_CAPTION_ROW = 0
+IMAGE_EMBEDDINGS_FILE = 'image_embeddings_{split}.npy'   # in a LiT workdir (text/lit.py)
 ENCODE_CHUNK = 256
 
 
@@ -51,7 +52,7 @@ def image_embeddings_path(lit_dir: str, split: str) -> str:
   directory = os.path.abspath(os.path.expanduser(lit_dir))
   if not os.path.isfile(os.path.join(directory, 'lit.json')):
     directory = os.path.join(directory, 'lit')
-  return os.path.join(directory, f'image_embeddings_{split}.npy')
+  return os.path.join(directory, IMAGE_EMBEDDINGS_FILE.format(split=split))
 
 
 def split_directory(root: str, split: str) -> str:

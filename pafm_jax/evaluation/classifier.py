@@ -164,24 +164,19 @@ def train(config: ml_collections.ConfigDict, directory: str | None = None, *,
     return optax.apply_updates(p, updates), o, loss
 
   rng = np.random.default_rng(config.seed)
-  steps_per_epoch = steps_per_epoch or len(train_x) // batch_size
   for epoch in range(config.eval.classifier_epochs):
-    order = rng.permutation(len(train_x))
-    losses = []
-    for i in range(steps_per_epoch):
-      idx = order[i * batch_size:(i + 1) * batch_size]
-      params, opt_state, loss = step(params, opt_state, train_x[idx], train_y[idx])
-      losses.append(loss)
+    params, opt_state, loss = train_epoch(step, params, opt_state, rng, batch_size,
+                                          (train_x, train_y), steps_per_epoch)
     eval_fn = jax.jit(lambda x: logits_fn(params, x))
     acc = accuracy(eval_fn, test_x, test_y)
     logging.info('classifier epoch %d: train loss %.4f, test accuracy %.4f (%.0f s)', epoch + 1,
-                 float(np.mean(jax.device_get(losses))), acc, time.time() - t0)
+                 loss, acc, time.time() - t0)
 
   info = {
       'architecture': arch,
       'train_digest': digest(train_x, train_y),
       'test_digest': digest(test_x, test_y),
-      'weights_digest': _weights_digest(params),
+      'weights_digest': weights_digest(params),
       'test_accuracy': acc,
       'epochs': int(config.eval.classifier_epochs),
       'batch_size': batch_size,
@@ -195,7 +190,20 @@ def train(config: ml_collections.ConfigDict, directory: str | None = None, *,
   return info
 
 
-def _weights_digest(params: Any) -> str:
+def train_epoch(step: Callable, params, opt_state, rng: np.random.Generator, batch_size: int,
+                arrays: tuple[np.ndarray, ...], steps: int | None = None):
+  """One shuffled pass of `step(params, opt_state, *batch) → (params, opt_state, loss)` over
+  the rows of `arrays` (or its first `steps` batches); returns the mean loss third."""
+  order = rng.permutation(len(arrays[0]))
+  losses = []
+  for i in range(steps or len(order) // batch_size):
+    idx = order[i * batch_size:(i + 1) * batch_size]
+    params, opt_state, loss = step(params, opt_state, *(a[idx] for a in arrays))
+    losses.append(loss)
+  return params, opt_state, float(np.mean(jax.device_get(losses)))
+
+
+def weights_digest(params: Any) -> str:
   leaves = jax.tree_util.tree_leaves_with_path(params)
   h = hashlib.sha256()
   for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
@@ -260,7 +268,7 @@ def load(directory: str) -> Classifier:
   abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build(info['architecture'])),
                                         nnx.Param))
   params = ocp.StandardCheckpointer().restore(directory / 'params', abstract)
-  if _weights_digest(params) != info['weights_digest']:
+  if weights_digest(params) != info['weights_digest']:
     raise ValueError(f'the classifier weights under {directory} do not match the digest in '
                      f'{INFO_FILE}; retrain with --mode=train_classifier.')
   return Classifier(params, info)

@@ -174,7 +174,8 @@ def make_generator(config: ml_collections.ConfigDict, net: network.Network, mesh
 def caption_classes(config: ml_collections.ConfigDict, captions, labels: np.ndarray):
   """The class each caption names: read from the caption for Fashion-MNIST's templated
   captions (data/captions.class_of_caption), else the label of the caption's example."""
-  from pafm_jax.data import captioned, captions as captions_lib  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from pafm_jax.data import captioned, captions as captions_lib
   if config.data.name != captioned.FASHION_MNIST_CAPTIONS:
     return labels
   named = np.asarray([captions_lib.class_of_caption(c) for c in captions], np.int32)

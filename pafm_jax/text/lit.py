@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from pafm_jax.data import captioned
+from pafm_jax.evaluation import classifier
 
 ARCHITECTURE_VERSION = 'lit-cnn-v1'
 INFO_FILE = 'lit.json'
@@ -95,8 +96,9 @@ class LitTowers:
     self._image = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
 
   def image(self, images: np.ndarray, batch_size: int = 2000) -> np.ndarray:
-    return np.concatenate([np.asarray(self._image(self.params, jnp.asarray(images[i:i + batch_size])))
-                           for i in range(0, len(images), batch_size)])
+    chunks = [self._image(self.params, jnp.asarray(images[i:i + batch_size]))
+              for i in range(0, len(images), batch_size)]
+    return np.concatenate([np.asarray(c) for c in chunks])
 
   @staticmethod
   def text(pooled: np.ndarray) -> np.ndarray:
@@ -150,27 +152,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, epochs: int | None
   def step(p, o, x, e):
     def loss_fn(p):
       model = nnx.merge(graphdef, p)
-      return contrastive_loss(model(x), e, model.log_scale.value)
+      return contrastive_loss(model(x), e, model.log_scale[...])
     loss, grads = jax.value_and_grad(loss_fn)(p)
     updates, o = tx.update(grads, o, p)
     return optax.apply_updates(p, updates), o, loss
 
   rng = np.random.default_rng(config.seed)
   unit = LitTowers.text(pooled)
-  steps = len(images) // batch_size
   for epoch in range(epochs):
-    order = rng.permutation(len(images))
-    losses = []
-    for i in range(steps):
-      idx = order[i * batch_size:(i + 1) * batch_size]
-      params, opt_state, loss = step(params, opt_state, images[idx], unit[idx])
-      losses.append(loss)
-    logging.info('LiT epoch %d/%d: contrastive loss %.4f (%.0f s)', epoch + 1, epochs,
-                 float(np.mean(jax.device_get(losses))), time.time() - t0)
+    params, opt_state, loss = classifier.train_epoch(step, params, opt_state, rng, batch_size,
+                                                     (images, unit))
+    logging.info('LiT epoch %d/%d: contrastive loss %.4f (%.0f s)', epoch + 1, epochs, loss,
+                 time.time() - t0)
   info = {'architecture': arch, 'epochs': epochs, 'batch_size': batch_size,
           'learning_rate': learning_rate, 'dataset': source.metadata.get('encoder'),
           'data_name': config.data.name}
-  info['weights_digest'] = _weights_digest(params)
+  info['weights_digest'] = classifier.weights_digest(params)
   info['fingerprint'] = hashlib.sha256(json.dumps(
       [arch, info['weights_digest']], sort_keys=True).encode()).hexdigest()[:16]
   towers = LitTowers(params, info)
@@ -189,15 +186,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, epochs: int | None
   return info
 
 
-def _weights_digest(params: Any) -> str:
-  h = hashlib.sha256()
-  for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params),
-                           key=lambda kv: jax.tree_util.keystr(kv[0])):
-    h.update(jax.tree_util.keystr(path).encode())
-    h.update(np.asarray(leaf, np.float32).tobytes())
-  return h.hexdigest()
-
-
 def save(directory: epath.Path, params: Any, info: dict[str, Any],
          embeddings: dict[str, np.ndarray]) -> None:
   """Writes params (Orbax), the embeddings, then lit.json last: a directory without lit.json
@@ -211,7 +199,7 @@ def save(directory: epath.Path, params: Any, info: dict[str, Any],
   ckptr.save(target, jax.device_get(params))
   ckptr.wait_until_finished()
   for split, emb in embeddings.items():
-    np.save(captioned.image_embeddings_path(os.fspath(directory), split),
+    np.save(os.fspath(directory / captioned.IMAGE_EMBEDDINGS_FILE.format(split=split)),
             emb.astype(np.float32))
   tmp = directory / (INFO_FILE + '.tmp')
   tmp.write_text(json.dumps(info, indent=2))
@@ -235,7 +223,7 @@ def load(path: str) -> LitTowers:
   abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build(info['architecture'])),
                                         nnx.Param))
   params = ocp.StandardCheckpointer().restore(directory / 'params', abstract)
-  if _weights_digest(params) != info['weights_digest']:
+  if classifier.weights_digest(params) != info['weights_digest']:
     raise ValueError(f'the LiT weights under {directory} do not match their recorded digest; '
                      'retrain them with --mode=train_lit.')
   return LitTowers(params, info, str(directory))
