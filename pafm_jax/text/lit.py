@@ -131,8 +131,12 @@ def zero_shot_accuracy(towers: LitTowers, images: np.ndarray, labels: np.ndarray
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, epochs: int | None = None,
-          batch_size: int = 256, learning_rate: float = 1e-3) -> dict[str, Any]:
-  """Trains, evaluates and saves the image tower (module docstring); returns its info."""
+          batch_size: int = 256, learning_rate: float = 1e-3,
+          steps_per_epoch: int | None = None) -> dict[str, Any]:
+  """Trains, evaluates and saves the image tower (module docstring); returns its info.
+
+  `steps_per_epoch` cuts epochs short (tests); default: whole epochs.
+  """
   from pafm_jax import text  # pylint: disable=g-import-not-at-top
   epochs = epochs or config.text.lit_epochs
   directory = epath.Path(workdir) / SUBDIR
@@ -161,11 +165,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, epochs: int | None
   unit = LitTowers.text(pooled)
   for epoch in range(epochs):
     params, opt_state, loss = classifier.train_epoch(step, params, opt_state, rng, batch_size,
-                                                     (images, unit))
+                                                     (images, unit), steps_per_epoch)
     logging.info('LiT epoch %d/%d: contrastive loss %.4f (%.0f s)', epoch + 1, epochs, loss,
                  time.time() - t0)
   info = {'architecture': arch, 'epochs': epochs, 'batch_size': batch_size,
-          'learning_rate': learning_rate, 'dataset': source.metadata.get('encoder'),
+          'learning_rate': learning_rate, 'text_encoder': source.metadata.get('encoder'),
           'data_name': config.data.name}
   info['weights_digest'] = classifier.weights_digest(params)
   info['fingerprint'] = hashlib.sha256(json.dumps(
