@@ -230,6 +230,10 @@ def check_config(config) -> None:
     _check_pafm_config(config)
   if obj.name == 'flow_map':
     flow_maps.check_config(config)
+  if obj.name == 'stablevm' and fields.is_text_conditional(config):
+    raise ValueError("StableVM's memory bank keeps a row per class and draws its training pairs "
+                     'from it, without their captions: it trains class-conditional models. For '
+                     "captioned data use config.objective.name='pafm' (or 'fm').")
   if obj.name == 'stablevm' and obj.stablevm.bank_capacity < 1:
     raise ValueError('config.objective.stablevm.bank_capacity must be ≥ 1, got '
                      f'{obj.stablevm.bank_capacity}.')

@@ -90,3 +90,15 @@ def test_bad_captions_files_fail_before_anything_is_written(tmp_path):
   with pytest.raises(FileNotFoundError, match='nope.png'):
     pack_captions.pack(str(folder), str(missing), str(tmp_path / 'out'), image_size=28)
   assert not (tmp_path / 'out').exists() or not os.listdir(tmp_path / 'out')
+
+
+def test_a_split_that_does_not_fit_the_config_is_refused_by_name(tmp_path):
+  folder, rows, _, _ = _real_pairs(tmp_path, n=3)
+  path = tmp_path / 'captions.tsv'
+  path.write_text(''.join(f'{f}\t{c}\n' for f, c, _ in rows))
+  pack_captions.pack(str(folder), str(path), str(tmp_path / 'out'), image_size=28, channels=1)
+  config = fmnist_mmdit.get_config()
+  config.data.name, config.data.captioned_dir = 'captioned', str(tmp_path / 'out')
+  config.data.channels, config.data.max_tokens = 3, 4
+  with pytest.raises(ValueError, match=r'channels=3.*max_tokens=4'):
+    pipeline.load_source(config.data)

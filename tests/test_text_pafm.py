@@ -130,6 +130,12 @@ def test_text_condition_needs_captioned_data():
   with pytest.raises(ValueError, match='text-conditional'):
     network.check_config(apply_overrides(fmnist_mmdit.get_config(),
                                          {'data.name': 'fashion_mnist'}))
+  with pytest.raises(ValueError, match='memory bank'):
+    objectives.check_config(apply_overrides(fmnist_mmdit.get_config(),
+                                            {'objective.name': 'stablevm'}))
+  with pytest.raises(ValueError, match='lit_dir'):
+    objectives.check_config(apply_overrides(fmnist_mmdit.get_config(),
+                                            {'objective.pafm.text_candidate': 'image'}))
 
 
 # ------------------------------------------------------------------------ captioned data

@@ -155,6 +155,26 @@ def write_split(root: str, split: str, *, images: np.ndarray, labels: np.ndarray
   return split_directory(root, split)
 
 
+def check_against_config(metadata: dict, data_config, directory: str) -> None:
+  """The split's sample shape, text width and caption length against config.data; raises
+  naming the field to change (before anything is compiled)."""
+  get = lambda name, default=None: data_config.get(name, default)
+  want_shape = [get('image_size'), get('image_size'), get('channels')]
+  problems = []
+  if None not in want_shape and metadata['sample_shape'] != want_shape:
+    problems.append(f'its samples are {tuple(metadata["sample_shape"])}, config.data has '
+                    f'image_size={want_shape[0]}, channels={want_shape[2]}')
+  if metadata['text_width'] != get('text_width', metadata['text_width']):
+    problems.append(f'its encoder ({metadata["encoder"]}) is {metadata["text_width"]} wide, '
+                    f'config.data.text_width={get("text_width")}')
+  if metadata['text_tokens'] > get('max_tokens', metadata['text_tokens']):
+    problems.append(f'its captions have up to {metadata["text_tokens"]} tokens, '
+                    f'config.data.max_tokens={get("max_tokens")}')
+  if problems:
+    raise ValueError(f'the captioned split {directory} does not fit the config: '
+                     + '; '.join(problems) + '. Set those config.data fields to match.')
+
+
 class CaptionedSource:
   """Random access to one written split: `read_batch(ids)` gives the batch fields.
 

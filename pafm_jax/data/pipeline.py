@@ -344,8 +344,10 @@ def _load_whole_source(data_config: Any, split: str) -> Sequence[dict[str, Any]]
         raise FileNotFoundError(
           f"config.data.lit_dir={lit_dir!r} has no {os.path.basename(embeddings)}; train the "
           "LiT towers there with --mode=train_lit.")
-    return captioned.CaptionedSource(
+    source = captioned.CaptionedSource(
       captioned.split_directory(captioned_root(data_config), split), embeddings)
+    captioned.check_against_config(source.metadata, data_config, source.directory)
+    return source
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   try:
