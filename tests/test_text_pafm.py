@@ -133,6 +133,12 @@ def test_text_condition_needs_captioned_data():
   with pytest.raises(ValueError, match='memory bank'):
     objectives.check_config(apply_overrides(fmnist_mmdit.get_config(),
                                             {'objective.name': 'stablevm'}))
+  with pytest.raises(ValueError, match='never sees'):
+    network.check_config(apply_overrides(fmnist_mmdit.get_config(),
+                                         {'model.name': 'SiT-T/4'}))
+  with pytest.raises(ValueError, match='ignores the captions'):
+    network.check_config(apply_overrides(fmnist_mmdit.get_config(), {
+        'objective.pafm.condition': 'class', 'data.num_classes': 1}))
   with pytest.raises(ValueError, match='lit_dir'):
     objectives.check_config(apply_overrides(fmnist_mmdit.get_config(),
                                             {'objective.pafm.text_candidate': 'image'}))
@@ -230,3 +236,29 @@ def test_mmdit_xl2_config_builds_abstractly_with_shardings():
   spec = fields.batch_spec(config)
   assert spec[fields.TEXT_TOKENS][0] == (256, 77, 384)
   assert spec[fields.NEIGHBOUR_COND_EMBEDDING][0] == (256, 16, 384)
+
+
+def test_image_text_term_over_the_batch_matches_float64_brute_force():
+  """text_candidate='image': the candidates' LiT image embeddings (not their captions) enter
+  cos(e(y_i), g(x0_j))/τ; dropped rows allow every candidate."""
+  rng = np.random.default_rng(4)
+  labels, emb, x0 = _classes(rng, n_per_class=10, classes=3, spread=0.5)
+  b, tau = len(labels), 0.2
+  image_emb = emb + 0.7 * rng.normal(size=emb.shape)
+  eps = rng.normal(size=x0.shape)
+  t = rng.uniform(0.2, 0.95, size=b)
+  path = paths.get_path('linear')
+  x_t = (1 - t)[:, None] * x0 + t[:, None] * eps
+  conds = np.where(np.arange(b) % 7 == 0, NULL, labels)
+  batch = {'label': jnp.asarray(labels, jnp.int32), fields.COND_EMBEDDING: f32(emb),
+           fields.IMAGE_EMBEDDING: f32(image_emb)}
+  options = objectives.PAFMOptions(sources='batch', condition='text', text_tau=tau,
+                                   text_candidate='image')
+  target, _ = objectives.pafm_target(path, f32(x_t), f32(t), f32(x0), f32(eps),
+                                     jnp.asarray(conds, jnp.int32), batch, options=options,
+                                     null_label=NULL)
+  unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
+  term = np.where((conds == NULL)[:, None], 0.0, unit(emb) @ unit(image_emb).T / tau)
+  truth = _brute_force(path, x_t, t, x0, term)
+  err = np.linalg.norm(np.asarray(target, np.float64) - truth) / np.linalg.norm(truth)
+  assert err < 1e-5, err

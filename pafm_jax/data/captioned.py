@@ -105,7 +105,15 @@ def split_writer(root: str, split: str):
   tmp = tempfile.mkdtemp(prefix=f'.{split}.incomplete-', dir=os.path.dirname(final))
   try:
     yield tmp
-    os.replace(tmp, final)
+    os.chmod(tmp, 0o755)   # mkdtemp makes it private; the split is for every reader
+    try:
+      os.replace(tmp, final)
+    except OSError:
+      if not is_written(root, split):
+        raise
+      # Another process wrote the same split first (two runs building captioned
+      # Fashion-MNIST at once): theirs is complete, ours is dropped.
+      shutil.rmtree(tmp, ignore_errors=True)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -167,6 +175,10 @@ def check_against_config(metadata: dict, data_config, directory: str) -> None:
   if metadata['text_width'] != get('text_width', metadata['text_width']):
     problems.append(f'its encoder ({metadata["encoder"]}) is {metadata["text_width"]} wide, '
                     f'config.data.text_width={get("text_width")}')
+  if metadata['num_classes'] > get('num_classes', metadata['num_classes']):
+    # Label C is the null condition of CFG: a real label ≥ C would read as a dropped caption.
+    problems.append(f'its labels span {metadata["num_classes"]} classes, '
+                    f'config.data.num_classes={get("num_classes")}')
   if metadata['text_tokens'] > get('max_tokens', metadata['text_tokens']):
     problems.append(f'its captions have up to {metadata["text_tokens"]} tokens, '
                     f'config.data.max_tokens={get("max_tokens")}')
@@ -231,14 +243,18 @@ class CaptionedSource:
     with open(os.path.join(self.directory, 'captions.json')) as f:
       return json.load(f)
 
-  def text_rows(self, rows: np.ndarray, max_tokens: int) -> dict[str, np.ndarray]:
-    """Rows of the caption table as batch fields, tokens padded to `max_tokens`."""
+  def text_rows(self, rows: np.ndarray, max_tokens: int,
+                tokens: bool = True) -> dict[str, np.ndarray]:
+    """Rows of the caption table as batch fields, tokens padded to `max_tokens` (tokens=False:
+    the sentence vectors alone, for readers that need no token states)."""
     a = self.arrays()
     rows = np.asarray(rows, np.int64)
+    if not tokens:
+      return {fields.COND_EMBEDDING: np.asarray(a['text_pooled'][rows], np.float32)}
     length = a['text_tokens'].shape[1]
     if length > max_tokens:
       raise ValueError(f'{self.directory} stores captions of up to {length} tokens but '
-                       f'config.text.max_tokens={max_tokens}; raise config.text.max_tokens.')
+                       f'config.data.max_tokens={max_tokens}; raise config.data.max_tokens.')
     order = np.argsort(rows, kind='stable')  # sorted reads of the memory map
     tokens = np.zeros((len(rows), max_tokens, a['text_tokens'].shape[2]), np.float32)
     mask = np.zeros((len(rows), max_tokens), np.int32)
@@ -247,8 +263,10 @@ class CaptionedSource:
     return {fields.TEXT_TOKENS: tokens, fields.TEXT_MASK: mask,
             fields.COND_EMBEDDING: np.asarray(a['text_pooled'][rows], np.float32)}
 
-  def read_batch(self, indices: np.ndarray, max_tokens: int) -> dict[str, np.ndarray]:
-    """ids [n] → image [n, *S] (uint8 or float), label, id and the text fields."""
+  def read_batch(self, indices: np.ndarray, max_tokens: int,
+                 tokens: bool = True) -> dict[str, np.ndarray]:
+    """ids [n] → image [n, *S] (uint8 or float), label, id and the text fields (without
+    token states for tokens=False)."""
     a = self.arrays()
     indices = np.asarray(indices, np.int64)
     order = np.argsort(indices, kind='stable')
@@ -256,7 +274,7 @@ class CaptionedSource:
     images[order] = a['images'][indices[order]]
     out = {fields.IMAGE: images, fields.LABEL: np.asarray(a['labels'][indices], np.int32),
            fields.ID: indices}
-    out.update(self.text_rows(a['caption_ids'][indices], max_tokens))
+    out.update(self.text_rows(a['caption_ids'][indices], max_tokens, tokens))
     if 'image_embeddings' in a:
       out[fields.IMAGE_EMBEDDING] = np.asarray(a['image_embeddings'][indices], np.float32)
     return out

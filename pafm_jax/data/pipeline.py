@@ -316,9 +316,9 @@ class ClassBalancedSubset:
   def __getattr__(self, name: str) -> Any:
     # A captioned source's batch reader (and its metadata), read through the positions.
     if name == "read_batch" and hasattr(self.source, "read_batch"):
-      def read_batch(indices, max_tokens):
+      def read_batch(indices, max_tokens, tokens=True):
         indices = np.asarray(indices, np.int64)
-        batch = self.source.read_batch(self.positions[indices], max_tokens)
+        batch = self.source.read_batch(self.positions[indices], max_tokens, tokens)
         batch[fields.ID] = indices
         return batch
       return read_batch
@@ -340,7 +340,8 @@ def _load_whole_source(data_config: Any, split: str) -> Sequence[dict[str, Any]]
     embeddings = ""
     if lit_dir:
       embeddings = captioned.image_embeddings_path(lit_dir, split)
-      if not os.path.isfile(embeddings):
+      finished = os.path.join(os.path.dirname(embeddings), "lit.json")
+      if not (os.path.isfile(embeddings) and os.path.isfile(finished)):
         raise FileNotFoundError(
           f"config.data.lit_dir={lit_dir!r} has no {os.path.basename(embeddings)}; train the "
           "LiT towers there with --mode=train_lit.")
@@ -428,15 +429,17 @@ class _ReadBatch:
   """
 
   def __init__(self, source, image_shape: tuple[int, int, int] | None,
-               max_tokens: int | None = None):
+               max_tokens: int | None = None, text_tokens: bool = True):
     self._source = source
     self._image_shape = image_shape
     self._max_tokens = max_tokens
+    self._text_tokens = text_tokens
 
   def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     indices = np.asarray(indices, dtype=np.int64)
     if hasattr(self._source, "read_batch"):  # a captioned source: text fields too
-      batch = self._source.read_batch(indices, self._max_tokens or DEFAULT_MAX_TOKENS)
+      batch = self._source.read_batch(indices, self._max_tokens or DEFAULT_MAX_TOKENS,
+                                      self._text_tokens)
       batch[fields.IMAGE] = self._scaled(batch[fields.IMAGE])
       return batch
     idx_list = [int(i) for i in indices]
@@ -460,11 +463,12 @@ class _ReadBatch:
 
 
 def batch_reader(source, image_shape: tuple[int, int, int] | None,
-                 max_tokens: int | None = None):
+                 max_tokens: int | None = None, text_tokens: bool = True):
   """int64 ids [n] → {'image': float32 [n, H, W, C] in [-1, 1], 'label', 'id'} (and the text
-  fields of a captioned source, tokens padded to `max_tokens`): how every pipeline reads and
+  fields of a captioned source, tokens padded to `max_tokens`; text_tokens=False: only the
+  sentence vectors, for readers of candidates and keys): how every pipeline reads and
   preprocesses examples (picklable, so workers can use it)."""
-  return _ReadBatch(source, image_shape, max_tokens)
+  return _ReadBatch(source, image_shape, max_tokens, text_tokens)
 
 
 def _max_tokens(data_config: Any) -> int:

@@ -102,6 +102,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'{config.model.name} is text-conditional: it needs captioned data '
                      f"(config.data.name='fashion_mnist_captions' or 'captioned'), not "
                      f'{config.data.name!r}. Use a SiT model for class-conditional data.')
+  condition = config.objective.pafm.condition if config.objective.name == 'pafm' else None
+  if family(config) == 'class' and condition == 'text':
+    raise ValueError(f"config.objective.pafm.condition='text' weighs candidates by captions that "
+                     f'{config.model.name} never sees; train an MMDiT model on captioned data.')
+  if family(config) == 'text' and condition == 'class' and config.data.num_classes == 1:
+    raise ValueError("config.objective.pafm.condition='class' with config.data.num_classes=1 "
+                     'ignores the captions (every candidate has the one class); use '
+                     "config.objective.pafm.condition='text'.")
   if family(config) == 'text' and is_flow_map(config):
     raise ValueError('flow maps are trained with SiT models; MMDiT has no two-time variant.')
   patch = sizes[config.model.name]['patch_size']

@@ -58,7 +58,8 @@ def partition_kind(config: ml_collections.ConfigDict) -> str:
 def dataset_fingerprint(data_config, source) -> dict[str, Any]:
   n = len(source)
   ids = np.unique(np.linspace(0, n - 1, min(n, FINGERPRINT_EXAMPLES)).astype(np.int64))
-  batch = pipeline.batch_reader(source, pipeline.sample_shape(data_config))(ids)
+  batch = pipeline.batch_reader(source, pipeline.sample_shape(data_config),
+                                text_tokens=False)(ids)
   h = hashlib.sha256()
   h.update(np.ascontiguousarray(batch['image'], np.float32).tobytes())
   h.update(np.ascontiguousarray(batch['label'], np.int64).tobytes())
@@ -130,7 +131,7 @@ def check_k(config: ml_collections.ConfigDict, partition_sizes) -> None:
 def read_keys(config: ml_collections.ConfigDict, source) -> tuple[np.ndarray, np.ndarray]:
   """Keys float32 [N, dim] and labels int32 [N] of the whole split, read in chunks."""
   transform = keys_lib.KeyTransform.from_config(config)
-  read = pipeline.batch_reader(source, pipeline.sample_shape(config.data))
+  read = pipeline.batch_reader(source, pipeline.sample_shape(config.data), text_tokens=False)
   n = len(source)
   keys = np.zeros((n, transform.dim), np.float32)
   labels = np.zeros((n,), np.int32)

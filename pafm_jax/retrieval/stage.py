@@ -60,7 +60,8 @@ class NeighbourStage(grain.transforms.MapWithIndex):
                        f'{mode!r}.')
     self._index = index
     self._directory = index.directory
-    self._read = pipeline.batch_reader(source, image_shape, max_tokens)
+    # Candidates need their sentence vectors (and image embeddings), never their token states.
+    self._read = pipeline.batch_reader(source, image_shape, max_tokens, text_tokens=False)
     self.mode, self.k, self.key = mode, k, key
     self.seed, self.path, self.t_sampling = seed, paths.get_path(path_name), t_sampling
     self.row_offset = row_offset  # this process's first row in the global batch

@@ -65,13 +65,20 @@ def grid_conditions(config: ml_collections.ConfigDict, family: str, captions=())
     return labels, None
   from pafm_jax.data import captioned, pipeline  # pylint: disable=g-import-not-at-top
   per_row = config.sample.per_class
+  # Captions of the test split when there is one (a packed dataset may have only `train`).
+  split = 'test' if captioned.is_written(pipeline.captioned_root(config.data), 'test') \
+      else config.data.split
+  source = pipeline.load_source(config.data, split)
   if captions:
     from pafm_jax import text  # pylint: disable=g-import-not-at-top
-    rows = captioned.typed_captions(text.load_encoder(config.text.encoder or None),
-                                    list(captions), config.data.max_tokens)
+    encoder = text.load_encoder(config.text.encoder or None)
+    if encoder.name != source.metadata['encoder']:
+      raise ValueError(f'the model was trained on captions encoded by '
+                       f'{source.metadata["encoder"]}, but config.text.encoder loads '
+                       f'{encoder.name}; point config.text.encoder at the same encoder.')
+    rows = captioned.typed_captions(encoder, list(captions), config.data.max_tokens)
     titles = list(captions)
   else:
-    source = pipeline.load_source(config.data, 'test')
     rows, titles, _ = captioned.captions_for_labels(source, labels[::per_row],
                                                     config.data.max_tokens)
   return {k: np.repeat(v, per_row, axis=0) for k, v in rows.items()}, titles

@@ -110,9 +110,11 @@ def _split_arrays(config: ml_collections.ConfigDict, split: str):
   """Images [N, H, W, C] in [−1, 1], labels and pooled caption vectors of a captioned split."""
   from pafm_jax import batch_contract as fields  # pylint: disable=g-import-not-at-top
   from pafm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  source = pipeline.load_source(pipeline.whole_split(config.data), split)
+  data = pipeline.whole_split(config.data)
+  data.lit_dir = ''   # the towers being trained make the embeddings a config may point at
+  source = pipeline.load_source(data, split)
   read = pipeline.batch_reader(source, pipeline.sample_shape(config.data),
-                               config.data.max_tokens)
+                               config.data.max_tokens, text_tokens=False)
   chunks = [read(np.arange(i, min(len(source), i + 10_000)))
             for i in range(0, len(source), 10_000)]
   cat = lambda k: np.concatenate([c[k] for c in chunks])
@@ -203,8 +205,10 @@ def save(directory: epath.Path, params: Any, info: dict[str, Any],
   ckptr.save(target, jax.device_get(params))
   ckptr.wait_until_finished()
   for split, emb in embeddings.items():
-    np.save(os.fspath(directory / captioned.IMAGE_EMBEDDINGS_FILE.format(split=split)),
-            emb.astype(np.float32))
+    path = os.fspath(directory / captioned.IMAGE_EMBEDDINGS_FILE.format(split=split))
+    with open(path + '.tmp', 'wb') as f:
+      np.save(f, emb.astype(np.float32))
+    os.replace(path + '.tmp', path)
   tmp = directory / (INFO_FILE + '.tmp')
   tmp.write_text(json.dumps(info, indent=2))
   tmp.replace(directory / INFO_FILE)
@@ -222,7 +226,7 @@ def load(path: str) -> LitTowers:
     raise FileNotFoundError(
         f'no LiT towers at {path} ({INFO_FILE} missing). Train them once with\n'
         '  python -m pafm_jax.main --mode=train_lit --config=<config> --workdir=<dir>\n'
-        'and set config.text.lit_dir to that workdir.')
+        'and set config.data.lit_dir to that workdir.')
   info = json.loads((directory / INFO_FILE).read_text())
   abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build(info['architecture'])),
                                         nnx.Param))

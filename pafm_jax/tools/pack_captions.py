@@ -58,6 +58,10 @@ def read_pairs(path: str) -> list[tuple[str, str, int]]:
         raise ValueError(f'{path}: the captions file must end in .jsonl or .tsv.')
   if not pairs:
     raise ValueError(f'{path} holds no (image, caption) pairs.')
+  negative = [n for n, (_, _, y) in enumerate(pairs, 1) if y < 0]
+  if negative:
+    raise ValueError(f'{path}: labels must be ≥ 0 (pair {negative[0]} has '
+                     f'{pairs[negative[0] - 1][2]}).')
   return pairs
 
 
