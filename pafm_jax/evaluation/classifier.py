@@ -221,7 +221,8 @@ def _fingerprint(info: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------- save / load
 
 
-def save(directory: epath.Path, params: Any, info: dict[str, Any]) -> None:
+def save_params(directory: epath.Path, params: Any) -> None:
+  """directory/params: a plain parameter tree as an Orbax checkpoint (replacing one there)."""
   directory.mkdir(parents=True, exist_ok=True)
   target = directory / 'params'
   if target.exists():
@@ -229,9 +230,18 @@ def save(directory: epath.Path, params: Any, info: dict[str, Any]) -> None:
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(target, jax.device_get(params))
   ckptr.wait_until_finished()
-  tmp = directory / (INFO_FILE + '.tmp')
+
+
+def write_info(path: epath.Path, info: dict[str, Any]) -> None:
+  """The JSON record that marks a saved model as complete, written atomically (and last)."""
+  tmp = path.parent / (path.name + '.tmp')
   tmp.write_text(json.dumps(info, indent=2))
-  tmp.replace(directory / INFO_FILE)
+  tmp.replace(path)
+
+
+def save(directory: epath.Path, params: Any, info: dict[str, Any]) -> None:
+  save_params(directory, params)
+  write_info(directory / INFO_FILE, info)
 
 
 class Classifier:

@@ -198,20 +198,13 @@ def save(directory: epath.Path, params: Any, info: dict[str, Any],
   is not a finished tower."""
   directory.mkdir(parents=True, exist_ok=True)
   (directory / INFO_FILE).unlink(missing_ok=True)
-  target = directory / 'params'
-  if target.exists():
-    target.rmtree()
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(target, jax.device_get(params))
-  ckptr.wait_until_finished()
+  classifier.save_params(directory, params)
   for split, emb in embeddings.items():
     path = os.fspath(directory / captioned.IMAGE_EMBEDDINGS_FILE.format(split=split))
     with open(path + '.tmp', 'wb') as f:
       np.save(f, emb.astype(np.float32))
     os.replace(path + '.tmp', path)
-  tmp = directory / (INFO_FILE + '.tmp')
-  tmp.write_text(json.dumps(info, indent=2))
-  tmp.replace(directory / INFO_FILE)
+  classifier.write_info(directory / INFO_FILE, info)
 
 
 def lit_directory(path: str) -> epath.Path:
