@@ -9,6 +9,11 @@ Gaussian likelihood and the caption–caption similarity cos(e(y_i), e(y_j))/τ:
 one partition (no class mask; the captions decide), and the in-batch candidates stand for the
 rest of the dataset (the stratified combination with one stratum).
 CFG drops 10 % of captions to the empty caption. The budget matches configs/fmnist_sit.py.
+
+The image–text term instead, cos(e(y_i), g(x0_j))/τ with the LiT image tower g (train it first
+with --mode=train_lit into runs/lit_fmnist):
+  --config.objective.pafm.text_candidate=image --config.objective.pafm.text_tau=0.01
+  --config.data.lit_dir=runs/lit_fmnist
 """
 
 from configs import fmnist_sit
