@@ -39,6 +39,7 @@ rm -f "$TARBALL"
 
 SETUP='set -e; rm -rf pafm_jax && mkdir pafm_jax && tar xzf pafm_jax.tar.gz -C pafm_jax && cd pafm_jax &&
   python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt &&
+  .venv/bin/pip install -q --no-deps -r requirements-nodeps.txt &&
   .venv/bin/pip install -q "jax[tpu]==$(.venv/bin/python -c "import jax; print(jax.__version__)")"'
 gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all --command="$SETUP"
 
