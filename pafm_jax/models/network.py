@@ -103,7 +103,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                      f"(config.data.name='fashion_mnist_captions' or 'captioned'), not "
                      f'{config.data.name!r}. Use a SiT model for class-conditional data.')
   condition = config.objective.pafm.condition if config.objective.name == 'pafm' else None
-  if family(config) == 'class' and condition == 'text':
+  if family(config) == 'class' and condition == 'text' and text_data:
     raise ValueError(f"config.objective.pafm.condition='text' weighs candidates by captions that "
                      f'{config.model.name} never sees; train an MMDiT model on captioned data.')
   if family(config) == 'text' and condition == 'class' and config.data.num_classes == 1:
