@@ -40,7 +40,7 @@ train: venv dataset
 test: venv dataset
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
-# The inner loop: every test not marked slow (under 3 minutes on a 2-core machine).
+# The inner loop: every test not marked slow (about 4 minutes on a 2-core machine).
 test-fast: venv dataset
 	$(PY) -m pytest -q tests -m "not slow" $(PYTEST_ARGS)
 

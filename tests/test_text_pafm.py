@@ -153,6 +153,7 @@ def _captions_config(tfds_dir):
   return config
 
 
+@pytest.mark.slow  # builds captioned Fashion-MNIST (encodes 2 000 captions)
 def test_captioned_fashion_mnist_stores_the_encoders_output(fmnist_tfds_dir):
   """Stored token states and sentence vectors are the encoder's own for each example's
   caption, the caption names the example's class, and row 0 is the empty caption."""
@@ -182,6 +183,7 @@ def test_captioned_fashion_mnist_stores_the_encoders_output(fmnist_tfds_dir):
   np.testing.assert_array_equal(batch['label'], labels[ids])
 
 
+@pytest.mark.slow  # builds captioned Fashion-MNIST (encodes 2 000 captions)
 def test_text_network_drops_captions_to_the_empty_caption(fmnist_tfds_dir):
   """Network.condition gives dropped rows the empty caption's encoding (what the encoder
   makes of ""), and guidance's null condition is that same row for every sample."""
