@@ -67,6 +67,14 @@ def encoder_name(encoder) -> str:
   return getattr(encoder, 'name', type(encoder).__name__)
 
 
+def caption_table(per_example: Sequence[str]) -> tuple[list[str], np.ndarray]:
+  """(the table's captions: "" then each distinct caption once, sorted; int64 [N] each
+  example's row of it)."""
+  table = [''] + sorted(set(per_example))
+  row_of = {c: r for r, c in enumerate(table)}
+  return table, np.asarray([row_of[c] for c in per_example], np.int64)
+
+
 def encode_table(encoder, captions: Sequence[str], *, token_dtype=np.float32,
                  log_every: int = 20) -> dict[str, np.ndarray]:
   """The caption table of `captions` (row 0 must be ""): tokens [U, L, E], mask, pooled."""
@@ -301,14 +309,13 @@ def build_fashion_mnist_captions(root: str, idx_dir: str, *, seed: int = 0, enco
       continue
     images, labels = fashion_mnist.read_idx_split(idx_dir, split)
     per_example = [captions_lib.caption_for(int(y), i, seed) for i, y in enumerate(labels)]
-    table_text = [''] + sorted(set(per_example))
-    row_of = {c: r for r, c in enumerate(table_text)}
+    table_text, caption_ids = caption_table(per_example)
     encoder = encoder or text.default_encoder()
     logging.info('captioning Fashion-MNIST %s: %d images, %d distinct captions', split,
                  len(labels), len(table_text) - 1)
     table = encode_table(encoder, table_text)
     write_split(root, split, images=images, labels=labels.astype(np.int64),
-                caption_ids=np.asarray([row_of[c] for c in per_example], np.int64),
+                caption_ids=caption_ids,
                 captions=table_text, table=table, encoder=encoder_name(encoder),
                 class_names=fashion_mnist.CLASS_NAMES, extra={'caption_seed': seed})
   return root

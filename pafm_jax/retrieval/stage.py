@@ -54,14 +54,14 @@ class NeighbourStage(grain.transforms.MapWithIndex):
 
   def __init__(self, index: index_lib.NeighbourIndex, source, image_shape, *, mode: str,
                k: int, key: keys_lib.KeyTransform, seed: int, path_name: str,
-               t_sampling: str, row_offset: int, max_tokens: int | None = None):
+               t_sampling: str, row_offset: int):
     if mode not in QUERY_MODES:
       raise ValueError(f'config.retrieval.mode must be one of {QUERY_MODES} here, got '
                        f'{mode!r}.')
     self._index = index
     self._directory = index.directory
     # Candidates need their sentence vectors (and image embeddings), never their token states.
-    self._read = pipeline.batch_reader(source, image_shape, max_tokens, text_tokens=False)
+    self._read = pipeline.batch_reader(source, image_shape, text_tokens=False)
     self.mode, self.k, self.key = mode, k, key
     self.seed, self.path, self.t_sampling = seed, paths.get_path(path_name), t_sampling
     self.row_offset = row_offset  # this process's first row in the global batch
@@ -139,7 +139,7 @@ def stage_factory(config, workdir: str):
         index, source, shape, mode=config.retrieval.mode, k=config.retrieval.k,
         key=keys_lib.KeyTransform.from_config(config), seed=config.seed,
         path_name=config.objective.path, t_sampling=config.objective.t_sampling,
-        row_offset=first_row, max_tokens=config.data.get('max_tokens'))
+        row_offset=first_row)
 
   return factory, index
 

@@ -97,8 +97,7 @@ def pack(images_dir: str, captions_path: str, out: str, *, split: str = 'train',
   if encoder is None:
     from pafm_jax import text  # pylint: disable=g-import-not-at-top
     encoder = text.default_encoder()
-  table_text = [''] + sorted({c for _, c, _ in pairs})
-  row_of = {c: r for r, c in enumerate(table_text)}
+  table_text, caption_ids = captioned.caption_table([c for _, c, _ in pairs])
   logging.info('packing %d pairs (%d distinct captions) into %s/%s', len(pairs),
                len(table_text) - 1, out, split)
   table = captioned.encode_table(encoder, table_text, token_dtype=np.dtype(token_dtype))
@@ -118,7 +117,7 @@ def pack(images_dir: str, captions_path: str, out: str, *, split: str = 'train',
     captioned.write_tables(
         tmp, sample_shape=(image_size, image_size, channels), sample_dtype=np.uint8,
         labels=np.asarray([y for _, _, y in pairs], np.int64),
-        caption_ids=np.asarray([row_of[c] for _, c, _ in pairs], np.int64),
+        caption_ids=caption_ids,
         captions=table_text, table=table, encoder=captioned.encoder_name(encoder),
         class_names=class_names, extra={'source': os.path.abspath(captions_path)})
   return captioned.split_directory(out, split)
