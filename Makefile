@@ -37,12 +37,15 @@ dataset:
 train: venv dataset
 	$(PY) -m pafm_jax.main --config=$(CONFIG) --workdir=$(WORKDIR) --config.data.idx_dir=$(FMNIST_DIR)
 
+# One pytest worker per core (pytest-xdist); a test file's tests share a worker and its fixtures.
+XDIST ?= -n auto --dist loadfile
+
 test: venv dataset
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) tests $(PYTEST_ARGS)
 
 # The inner loop: every test not marked slow (about 4 minutes on a 2-core machine).
 test-fast: venv dataset
-	$(PY) -m pytest -q tests -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) tests -m "not slow" $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

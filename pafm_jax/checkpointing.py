@@ -3,17 +3,22 @@
 Layout under WORKDIR:
   checkpoints/<step>/state   the train state (params, ema_params, opt_state, step)
   checkpoints/<step>/data    the Grain iterator state of every process
+  checkpoints/<step>/inputs  what else the numbers depend on (e.g. the retrieval index hash)
+  checkpoints/<step>/checksum  a checksum per state leaf (fault_tolerance.state_checksum)
+  corrupt_checkpoints/<step> a checkpoint that failed to restore, moved aside (never deleted)
   config.json                the config of the run that wrote the checkpoints
 
 Orbax writes each step into a temporary directory and renames it when complete, so a crash
-mid-save never leaves a directory that `latest_step()` would pick up.
+(kill -9 included) mid-save never leaves a directory that `latest_step()` would pick up. A
+complete checkpoint damaged later (a truncated copy, a bad disk) fails its restore or its
+checksum: `restore_intact` then warns, moves it aside and resumes from the one before.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 from etils import epath
@@ -21,6 +26,8 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+from pafm_jax import fault_tolerance
 
 # Config fields that fix the shapes of the saved parameters: a workdir that was trained with
 # other values cannot be resumed with these.
@@ -46,7 +53,8 @@ def create_manager(workdir: str, *, save_every: int, max_to_keep: int,
       options=options,
       item_handlers={'state': ocp.StandardCheckpointHandler(),
                      'data': grain.checkpoint.CheckpointHandler(),
-                     'inputs': ocp.JsonCheckpointHandler()},
+                     'inputs': ocp.JsonCheckpointHandler(),
+                     'checksum': ocp.JsonCheckpointHandler()},
   )
 
 
@@ -59,9 +67,13 @@ def workdir_path(workdir: str) -> epath.Path:
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
          *, inputs: dict | None = None, force: bool = False) -> bool:
   """Saves state and iterator at `step` if the interval says so (or `force`), with `inputs`
-  (a JSON dict naming what else the run's numbers depend on, see `check_inputs`)."""
+  (a JSON dict naming what else the run's numbers depend on, see `check_inputs`) and the
+  state's checksum, which `restore_intact` compares with what it reads back."""
+  if not (force or manager.should_save(step)):
+    return False
   args = {'state': ocp.args.StandardSave(state),
-          'data': grain.checkpoint.CheckpointSave(data_iterator)}
+          'data': grain.checkpoint.CheckpointSave(data_iterator),
+          'checksum': ocp.args.JsonSave(fault_tolerance.state_checksum(state))}
   if inputs is not None:
     args['inputs'] = ocp.args.JsonSave(inputs)
   return manager.save(step, args=ocp.args.Composite(**args), force=force)
@@ -92,21 +104,110 @@ def has_data_state(manager: ocp.CheckpointManager, step: int) -> bool:
   return (epath.Path(manager.directory) / str(step) / 'data').exists()
 
 
+def saved_data_state(manager: ocp.CheckpointManager, step: int) -> Any | None:
+  """This process's saved iterator state at `step`, or None when the checkpoint has none for
+  this process index and count (it was saved by another number of processes, or imported)."""
+  path = (epath.Path(manager.directory) / str(step) / 'data' /
+          f'process_{jax.process_index()}-of-{jax.process_count()}.json')
+  return json.loads(path.read_text()) if path.exists() else None
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
-            data_iterator: Any) -> Any:
+            data_iterator: Any, derived_data_state: Any = None) -> Any:
   """Restores the state onto the shardings in `abstract_state`, and the iterator in place.
 
+  The iterator gets its saved state when that fits this run (same process count and layout);
+  otherwise `derived_data_state` (the position re-derived from the step, logged) when given.
   A checkpoint written by `pafm_jax.tools.import_torch` has no data item: the iterator is then
   left at its start, which is where a fresh run's stream begins.
   """
   args = {'state': ocp.args.StandardRestore(abstract_state)}
-  if has_data_state(manager, step):
+  saved = saved_data_state(manager, step)
+  if saved is not None and (derived_data_state is None
+                            or fault_tolerance.same_layout(saved, derived_data_state)):
     args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+  elif has_data_state(manager, step) and derived_data_state is not None:
+    data_iterator.set_state(derived_data_state)
+    logging.warning('checkpoint %d holds the data position of another topology (process count '
+                    'or data.worker_count): re-derived from the step instead, %s. The global '
+                    'batch of a step does not depend on the topology, so the stream continues '
+                    'exactly.', step, derived_data_state)
+  elif has_data_state(manager, step):
+    raise ValueError(f'checkpoint {step} has no data-iterator state for process '
+                     f'{jax.process_index()} of {jax.process_count()}.')
   else:
     logging.info('checkpoint %d has no data-iterator state (an imported checkpoint): the data '
                  'stream starts from its beginning, with the optimizer state stored by the '
                  'import.', step)
   return manager.restore(step, args=ocp.args.Composite(**args))['state']
+
+
+def verify_checksum(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
+  """Raises ValueError when the restored `state` differs from what was saved at `step`."""
+  if not (epath.Path(manager.directory) / str(step) / 'checksum').exists():
+    return  # imported, or written before checksums were recorded
+  saved = manager.restore(step, args=ocp.args.Composite(
+      checksum=ocp.args.JsonRestore()))['checksum']
+  bad = fault_tolerance.checksum_mismatch(saved, fault_tolerance.state_checksum(state))
+  if bad is not None:
+    raise ValueError(f'the restored leaf {bad} does not match its saved checksum')
+
+
+def restore_intact(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any,
+                   derive_data_state: Callable[[int], Any],
+                   check: Callable[[int], None] = lambda step: None) -> Any | None:
+  """The newest checkpoint that restores and matches its checksum (None: no checkpoint).
+
+  A newer one that fails (truncated, corrupted, half-copied) is reported with its step and
+  moved to WORKDIR/corrupt_checkpoints/<step>: kept for inspection, and out of the way of
+  the run, which will write that step again. Nothing is moved unless an older checkpoint
+  restores, so an error that is not damage (a wrong config, say) leaves every step in place.
+  `check(step)` runs before each restore; what it raises is never taken for damage.
+  """
+  failed = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    check(step)
+    error = None
+    try:
+      state = restore(manager, step, abstract_state, data_iterator, derive_data_state(step))
+      verify_checksum(manager, step, state)
+    except Exception as e:  # pylint: disable=broad-except  (any failure to read is damage)
+      error = e
+    if fault_tolerance.all_processes_agree(error is None):
+      _move_aside(manager, failed)
+      return state
+    logging.warning('checkpoint %d in %s cannot be restored (%s: %s); trying the one before.',
+                    step, manager.directory, type(error).__name__ if error else 'on another '
+                    'process', error or 'see its log')
+    failed.append((step, error))
+  if failed:
+    raise ValueError(
+        f'no checkpoint under {manager.directory} restores: step {failed[0][0]} failed with '
+        f'{failed[0][1]!r}. Nothing was moved or deleted; if the config changed since they '
+        'were written, train into a new --workdir.') from failed[0][1]
+  return None
+
+
+def _move_aside(manager: ocp.CheckpointManager, failed: list) -> None:
+  if not failed:
+    return
+  root = epath.Path(manager.directory)
+  aside = root.parent / 'corrupt_checkpoints'
+  if jax.process_index() == 0:
+    aside.mkdir(parents=True, exist_ok=True)
+    for step, _ in failed:
+      target = aside / str(step)
+      suffix = 0
+      while target.exists():
+        suffix += 1
+        target = aside / f'{step}.{suffix}'
+      (root / str(step)).rename(target)
+      logging.warning('checkpoint %d is damaged: moved to %s (not deleted); resuming from an '
+                      'earlier step.', step, target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('pafm_jax: damaged checkpoints moved aside')
+  manager.reload()
 
 
 def save_imported(workdir: str, step: int, state: Any) -> None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from pafm_jax import evaluation, objectives, paths, sampling, sharding, train_state
+from pafm_jax import (evaluation, fault_tolerance, objectives, paths, sampling, sharding,
+                      train_state)
 from pafm_jax.data import pipeline
 from pafm_jax.models import network
 from pafm_jax.retrieval import dataset_index
@@ -23,6 +24,7 @@ SUBSYSTEM_CHECKS = (
     ('sampling', sampling.check_config),
     ('evaluation', evaluation.check_config),
     ('loop', train_state.check_config),
+    ('fault tolerance', fault_tolerance.check_config),
 )
 
 

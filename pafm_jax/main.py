@@ -8,7 +8,10 @@ train_lit (the image tower of text PAFM's image–text term and of caption align
 pafm_jax/text/lit.py).
 """
 
-from absl import app, flags
+import os
+import sys
+
+from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
@@ -22,8 +25,43 @@ flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'train_classifier
                                     'train_lit'],
                   'What to do with the config and workdir.')
 flags.DEFINE_bool('distributed', False,
-                  'Call jax.distributed.initialize() first (multi-host TPU pods and GPU clusters).')
+                  'Call jax.distributed.initialize() first (multi-host TPU pods and GPU clusters). '
+                  'On a TPU pod or under SLURM it finds its peers by itself; elsewhere give the '
+                  'three flags below (launch/local.sh does).')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (with --distributed).')
+flags.DEFINE_integer('num_processes', None, 'How many processes the job has (with --distributed).')
+flags.DEFINE_integer('process_id', None, 'This process\'s index (with --distributed).')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def initialize_distributed(config) -> None:
+  """Joins the job's processes; a peer silent for config.fault.hang_timeout_s is declared dead,
+  which ends the others too (fault_tolerance.Watchdog covers steps that hang without that)."""
+  # CPU processes (launch/local.sh, tests) run their collectives over gloo; accelerators use
+  # their own, and this setting does not touch them.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  timeout = int(config.fault.hang_timeout_s)
+  jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                             num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+                             **({'heartbeat_timeout_seconds': timeout} if timeout > 0 else {}))
+
+
+def train_or_exit_at_once(config, workdir) -> None:
+  """A multi-process run that fails ends its process at once, status 1.
+
+  Its peers may be dead (that is often why it failed), and JAX's exit handler would wait
+  for them in a shutdown barrier until the heartbeat timeout. The train loop has already
+  waited for its checkpoint saves by then.
+  """
+  try:
+    train.train_and_evaluate(config, workdir)
+  except BaseException:  # pylint: disable=broad-except
+    logging.exception('process %d: training failed; exiting without waiting for the other '
+                      'processes.', jax.process_index())
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)  # pylint: disable=protected-access
 
 
 def main(argv):
@@ -31,9 +69,12 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logs.quiet_library_info()
   if FLAGS.distributed:
-    jax.distributed.initialize()
+    initialize_distributed(FLAGS.config)
   if FLAGS.mode == 'train':
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if jax.process_count() > 1:
+      train_or_exit_at_once(FLAGS.config, FLAGS.workdir)
+    else:
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     return
   if FLAGS.mode == 'build_index':
     from pafm_jax.retrieval import dataset_index  # pylint: disable=g-import-not-at-top

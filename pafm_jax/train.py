@@ -23,8 +23,8 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pafm_jax import (batch_contract, checkpointing, config_checks, flow_maps, objectives, paths,
-                      sharding, train_state)
+from pafm_jax import (batch_contract, checkpointing, config_checks, fault_tolerance, flow_maps,
+                      objectives, paths, sharding, train_state)
 from pafm_jax.data import pipeline
 from pafm_jax.evaluation import runner
 from pafm_jax.models import network
@@ -46,6 +46,7 @@ def make_train_step(config: ml_collections.ConfigDict, net: network.Network,
   schedule = train_state.learning_rate_schedule(config.optimizer)
   base_key = jax.random.key(config.seed)
   prepare = objective.prepare
+  inject_nonfinite = tuple(config.fault.inject_nonfinite_at_steps)
   common = dict(
       path=path, target_fn=objective.target, t_sampling=config.objective.t_sampling,
       # StableVM draws its labels, nulls included, from the bank.
@@ -82,16 +83,28 @@ def make_train_step(config: ml_collections.ConfigDict, net: network.Network,
       new_state['teacher'] = state['teacher']
     (_, aux), grads = jax.value_and_grad(
         lambda p: loss_of(p, batch, rng, state), has_aux=True)(state['params'])
+    if inject_nonfinite:
+      grads = jax.tree.map(
+          lambda g: g * fault_tolerance.nonfinite_injection(state['step'], inject_nonfinite),
+          grads)
+    # The unweighted mean squared error (a flow map's adaptive weights change what is
+    # minimised, not what is reported).
+    loss, grad_norm = jnp.mean(aux['per_sample']), optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     decay = train_state.ema_decay(state['step'], config.optimizer.ema_decay)
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state['ema_params'], params)
+    # A non-finite step changes nothing but the step count (its batch is consumed):
+    # fault_tolerance.NonFiniteSteps then skips on or stops, as config.fault.nonfinite says.
+    params, ema, opt_state = fault_tolerance.keep_if_finite(
+        finite, (params, ema, opt_state),
+        (state['params'], state['ema_params'], state['opt_state']))
     metrics = {
-        # The unweighted mean squared error (a flow map's adaptive weights change what is
-        # minimised, not what is reported).
-        'loss': jnp.mean(aux['per_sample']),
-        'grad_norm': optax.tree.norm(grads),
+        'loss': loss,
+        'grad_norm': grad_norm,
         'learning_rate': schedule(state['step']),
+        'nonfinite': jnp.logical_not(finite).astype(jnp.int32),
         **bucket_sums(aux),
     }
     new_state.update(step=state['step'] + 1, params=params, ema_params=ema, opt_state=opt_state)
@@ -165,8 +178,12 @@ def summarize(history: list[dict]) -> dict[str, float]:
   also reported per t-bucket, e.g. 'ess_t0.8-1.0'.
   """
   history = jax.device_get(history)
+  skipped = sum(int(h['nonfinite']) for h in history)
+  # Skipped (non-finite) steps are counted, not averaged in.
+  history = [h for h in history if not int(h['nonfinite'])] or history
   out = {k: float(np.mean([h[k] for h in history]))
          for k in ('loss', 'grad_norm', 'learning_rate')}
+  out['nonfinite_steps'] = float(skipped)
   counts = np.sum([h['t_bucket_count'] for h in history], axis=0)
   for name in ('loss', *BUCKETED_DIAGNOSTICS):
     key = f't_bucket_{name}_sum'
@@ -195,7 +212,7 @@ def run_inputs(index) -> dict:
     digest = np.frombuffer(bytes.fromhex(index.content_hash), np.uint8)
     multihost_utils.assert_equal(
         digest, f'the retrieval index at {index.directory} differs between hosts; copy one '
-        'index to every host (launch/gcp_tpu.sh INDEX_URI=...).')
+        'index to every host (launch/gcp_tpu.sh setup --index=gs://...).')
   return inputs
 
 
@@ -212,6 +229,8 @@ class PeriodicActions:
   generate: Callable
   evaluator: runner.Evaluator | None
   grid_conditions: Any = None  # the sample grid's y: a row per class (or per caption)
+  preemption: fault_tolerance.PreemptionNotice | None = None
+  nonfinite: fault_tolerance.NonFiniteSteps | None = None
   history: list = dataclasses.field(default_factory=list)
   last: dict = dataclasses.field(default_factory=dict)
   # Host time blocked on the data pipeline, as a share of the interval's wall time.
@@ -236,13 +255,22 @@ class PeriodicActions:
       rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0xE7A1), step)
       scores = self.evaluator.evaluate(params, rng)['metrics']
       self.writer.write_scalars(step, {f'eval/{k}': v for k, v in scores.items()})
-    # Orbax also saves off-interval when the host received a preemption notice.
-    checkpointing.save(self.manager, step, state, self.data_iter, inputs=self.inputs,
-                       force=is_last)
-    if self.manager.reached_preemption(step):
-      logging.warning('preemption signal at step %d: checkpointed, exiting.', step)
+    preempted = self.preemption is not None and self.preemption.reached(step, self.manager)
+    if is_last or preempted or self.manager.should_save(step):
+      # A checkpoint is written only after its step is known to be finite ('stop' raises here).
+      self.check_finite(step, metrics)
+      checkpointing.save(self.manager, step, state, self.data_iter, inputs=self.inputs,
+                         force=True)
+    if preempted:
+      self.manager.wait_until_finished()
+      logging.warning('preemption (SIGTERM) at step %d: checkpoint %d saved, exiting; the next '
+                      'start resumes from it.', step, step)
       return True
     return False
+
+  def check_finite(self, step: int, metrics: dict) -> None:
+    if self.nonfinite is not None:
+      self.nonfinite.check(step, metrics, self.manager.latest_step())
 
   def log(self, step: int) -> None:
     self.last = summarize(self.history)
@@ -253,13 +281,19 @@ class PeriodicActions:
 
 
 def restore_or_init(setup: train_state.TrainSetup, manager, data_iter, inputs: dict) -> dict:
-  """The latest checkpoint's state (and the iterator restored in place), or a fresh state."""
-  latest = manager.latest_step()
-  if latest is None:
-    return setup.init()
-  logging.info('restoring checkpoint at step %d from %s', latest, manager.directory)
-  checkpointing.check_inputs(manager, latest, inputs)
-  return checkpointing.restore(manager, latest, setup.sharded_abstract_state(), data_iter)
+  """The newest intact checkpoint's state (and the iterator restored in place), or a fresh
+  state. On another topology the state is resharded onto this mesh (its abstract target)."""
+  workers = int(setup.config.data.worker_count)
+
+  def check(step: int) -> None:
+    logging.info('restoring checkpoint at step %d from %s', step, manager.directory)
+    checkpointing.check_inputs(manager, step, inputs)
+
+  state = checkpointing.restore_intact(
+      manager, setup.sharded_abstract_state(), data_iter,
+      derive_data_state=lambda step: fault_tolerance.iterator_state_at(step, workers),
+      check=check)
+  return setup.init() if state is None else state
 
 
 def run_loop(setup: train_state.TrainSetup, state: dict, data_iter,
@@ -275,23 +309,33 @@ def run_loop(setup: train_state.TrainSetup, state: dict, data_iter,
                                            every_steps=config.log_every_steps)
   step = int(jax.device_get(state['step']))
   actions.interval_start = time.perf_counter()
+  watchdog = fault_tolerance.Watchdog(config.fault.hang_timeout_s)
   previous = None
-  while step < config.total_steps:
-    with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      t_data = time.perf_counter()
-      local_batch = next(data_iter)
-      actions.data_wait += time.perf_counter() - t_data
-      batch = to_global_batch(local_batch, setup.batch_spec, setup.mesh)
-      state, metrics = compiled(state, batch)
-    # One step stays in flight (wait for step N − 1 after dispatching step N), so a wait in
-    # next() is time the device has nothing queued: ≈ 0 unless the input is the bottleneck.
+  try:
+    while step < config.total_steps:
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        t_data = time.perf_counter()
+        local_batch = next(data_iter)
+        actions.data_wait += time.perf_counter() - t_data
+        batch = to_global_batch(local_batch, setup.batch_spec, setup.mesh)
+        state, metrics = compiled(state, batch)
+      # One step stays in flight (wait for step N − 1 after dispatching step N), so a wait in
+      # next() is time the device has nothing queued: ≈ 0 unless the input is the bottleneck.
+      if previous is not None:
+        jax.block_until_ready(previous)
+        actions.check_finite(step, previous)
+      watchdog.kick(f'step {step + 1}')
+      previous = metrics
+      step += 1
+      report(step)
+      if actions(step, state, metrics):
+        break
+      watchdog.kick(f'step {step + 1}')
     if previous is not None:
       jax.block_until_ready(previous)
-    previous = metrics
-    step += 1
-    report(step)
-    if actions(step, state, metrics):
-      break
+      actions.check_finite(step, previous)
+  finally:
+    watchdog.close()
   return state
 
 
@@ -324,6 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # needs): only the loop imports them, so benchmarks and tools run where TF is absent.
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  preemption = fault_tolerance.PreemptionNotice()
   try:
     state = restore_or_init(setup, manager, data_iter, inputs)
     # Start the data workers (and their retrieval index) now, from the restored position, so
@@ -339,7 +384,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                            log_progress=False)
     grid_y, _ = generate_lib.grid_conditions(config, setup.net.family)
     actions = PeriodicActions(config, workdir, setup, manager, writer, data_iter, inputs,
-                              generate, evaluator, grid_y)
+                              generate, evaluator, grid_y, preemption,
+                              fault_tolerance.NonFiniteSteps(config.fault.nonfinite))
     if int(jax.device_get(state['step'])) == 0:
       writer.write_hparams(flatten_config(config))
     state = run_loop(setup, state, data_iter, actions)
@@ -349,6 +395,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # step directory once it is complete, so nothing half-written is ever left behind.
     manager.wait_until_finished()
     manager.close()
+    preemption.close()
     writer.flush()
     writer.close()
     # Stops Grain's worker processes (the retrieval stage's among them) with the loop, also

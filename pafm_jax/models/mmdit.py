@@ -12,8 +12,8 @@ mask [B, L] (1 = token), pooled [B, E]) → velocity [B, H, W, C] float32. The n
 classifier-free guidance is the empty caption's encoding, supplied by the data layer.
 
 Parameters carry logical axis names like SiT's ('embed', 'mlp', 'qkv', 'heads', ...), so the
-logical-axis rules of the configs shard both families alike. Not yet behind
-models/network.py: the text path of the data layer and the step comes with it.
+logical-axis rules of the configs shard both families alike; attention kernels and block remat
+are SiT's (models/attention.py).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pafm_jax.models import attention
 from pafm_jax.models.sit import (ACT_AXES, Dtype, FinalLayer, Mlp, PatchEmbed, TimestepEmbedder,
                                  _layer_norm, _linear, _normal02, _pair, _xavier, _zeros,
                                  modulate)
@@ -76,8 +77,9 @@ class JointBlock(nnx.Module):
   """Image stream x [B, N, D] and text stream ctx [B, L, D] attending jointly."""
 
   def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, *, context_pre_only,
-               rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
+               rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype, attention_impl: str = 'auto'):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.attention_impl = attention_impl  # models/attention.py
     self.x_in = StreamIn(hidden_size, num_heads, pre_only=False, **kw)
     self.context_in = StreamIn(hidden_size, num_heads, pre_only=context_pre_only, **kw)
     self.x_out = StreamOut(hidden_size, mlp_ratio, **kw)
@@ -90,14 +92,23 @@ class JointBlock(nnx.Module):
     # Keys: every image token, and the caption's real tokens (padding masked out).
     keys_valid = jnp.concatenate([text_mask.astype(bool),
                                   jnp.ones(x.shape[:2], bool)], axis=1)
-    attended = jax.nn.dot_product_attention(
+    attended = attention.attend(
         jnp.concatenate([qc, qx], 1), jnp.concatenate([kc, kx], 1),
-        jnp.concatenate([vc, vx], 1), mask=keys_valid[:, None, None, :])
+        jnp.concatenate([vc, vx], 1), mask=keys_valid[:, None, None, :],
+        implementation=self.attention_impl)
     attended = attended.reshape(attended.shape[:2] + (-1,))
     x = self.x_out(x, attended[:, length:], mod_x)
     if self.context_out is not None:
       ctx = self.context_out(ctx, attended[:, :length], mod_c)
     return x, ctx
+
+
+def _joint_forward(block: JointBlock, x, ctx, c, mask):
+  return block(x, ctx, c, mask)
+
+
+_JOINT_FORWARD_REMAT = {name: nnx.remat(_joint_forward, policy=policy)
+                        for name, policy in attention.REMAT_POLICIES.items()}
 
 
 class MMDiT(nnx.Module):
@@ -106,7 +117,8 @@ class MMDiT(nnx.Module):
   def __init__(self, *, depth: int, hidden_size: int, num_heads: int, patch_size: int,
                in_channels: int, input_size: int | Sequence[int], text_width: int,
                rngs: nnx.Rngs, mlp_ratio: float = 4.0, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32):
+               param_dtype: Dtype = jnp.float32, remat: bool = False, remat_policy: str = 'dots',
+               attention_impl: str = 'auto'):
     h, w = _pair(input_size)
     if h % patch_size or w % patch_size or hidden_size % num_heads or hidden_size % 4:
       raise ValueError(f'MMDiT: input {(h, w)} must be divisible by patch {patch_size}, and '
@@ -114,6 +126,7 @@ class MMDiT(nnx.Module):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.input_size, self.in_channels, self.patch_size = (h, w), in_channels, patch_size
     self.grid_size = (h // patch_size, w // patch_size)
+    self.remat, self.remat_policy = remat, remat_policy
     self.x_embedder = PatchEmbed(self.grid_size, patch_size, in_channels, hidden_size, **kw)
     self.t_embedder = TimestepEmbedder(hidden_size, **kw)
     self.pooled_embedder = nnx.Sequential(
@@ -123,7 +136,8 @@ class MMDiT(nnx.Module):
     self.context_embedder = _linear(text_width, hidden_size, ('text_embed', 'embed'),
                                     kernel_init=_xavier, **kw)
     self.blocks = nnx.List([
-        JointBlock(hidden_size, num_heads, mlp_ratio, context_pre_only=i == depth - 1, **kw)
+        JointBlock(hidden_size, num_heads, mlp_ratio, context_pre_only=i == depth - 1,
+                   attention_impl=attention_impl, **kw)
         for i in range(depth)])
     self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, **kw)
 
@@ -140,8 +154,9 @@ class MMDiT(nnx.Module):
     x = constrain(self.x_embedder(x), ACT_AXES)
     ctx = constrain(self.context_embedder(tokens).astype(jnp.float32), ACT_AXES)
     c = self.t_embedder(t) + self.pooled_embedder(pooled)
+    block_fn = _JOINT_FORWARD_REMAT[self.remat_policy] if self.remat else _joint_forward
     for block in self.blocks:
-      x, ctx = block(x, ctx, c, mask)
+      x, ctx = block_fn(block, x, ctx, c, mask)
       x = constrain(x, ACT_AXES)
     return self.unpatchify(self.final_layer(x, c)).astype(jnp.float32)
 

@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from pafm_jax import batch_contract as fields
-from pafm_jax.models import mmdit, sit
+from pafm_jax.models import attention, mmdit, sit
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -97,6 +97,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.model.name not in sizes:
     raise ValueError(f'unknown model {config.model.name!r}; config.model.name must be one of '
                      f'{sorted(sizes)}.')
+  attention.check_config(config)
   text_data = fields.is_text_conditional(config)
   if family(config) == 'text' and not text_data:
     raise ValueError(f'{config.model.name} is text-conditional: it needs captioned data '
@@ -138,18 +139,21 @@ def model_factory(config: ml_collections.ConfigDict,
   """
   two_time = is_flow_map(config) if two_time is None else two_time
 
+  options = dict(remat=config.model.remat, remat_policy=config.model.remat_policy,
+                 attention_impl=config.model.attention)
+
   def make(rng: jax.Array) -> nnx.Module:
     if family(config) == 'text':
       return mmdit.mmdit_from_name(
           config.model.name, input_size=config.data.image_size,
           in_channels=config.data.channels, text_width=config.data.text_width,
           rngs=nnx.Rngs(params=rng), dtype=DTYPES[config.model.dtype],
-          param_dtype=jnp.float32)
+          param_dtype=jnp.float32, **options)
     return sit.sit_from_name(
         config.model.name, input_size=config.data.image_size,
         in_channels=config.data.channels, num_classes=config.data.num_classes,
         rngs=nnx.Rngs(params=rng), dtype=DTYPES[config.model.dtype],
-        param_dtype=jnp.float32, remat=config.model.remat, two_time=two_time)
+        param_dtype=jnp.float32, two_time=two_time, **options)
   return make
 
 

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pafm_jax.models import attention
 from pafm_jax.sharding import constrain
 
 Dtype = Any
@@ -210,8 +211,9 @@ class Attention(nnx.Module):
   """Multi-head self-attention, [B, T, D] -> [B, T, D] (timm layout: qkv = [3, heads, hd])."""
 
   def __init__(self, hidden_size: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Dtype,
-               param_dtype: Dtype):
+               param_dtype: Dtype, implementation: str = 'auto'):
     self.num_heads = num_heads
+    self.implementation = implementation  # models/attention.py
     kw = dict(kernel_init=_xavier, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.qkv = _linear(hidden_size, 3 * hidden_size, ('embed', 'qkv'), **kw)
     self.proj = _linear(hidden_size, hidden_size, ('heads', 'embed'), **kw)
@@ -220,8 +222,8 @@ class Attention(nnx.Module):
     b, n, d = x.shape
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, heads, hd]
-    # Default scale 1/sqrt(hd); the XLA implementation does the softmax in float32.
-    out = jax.nn.dot_product_attention(q, k, v)
+    # Scale 1/sqrt(hd); every implementation does the softmax in float32.
+    out = attention.attend(q, k, v, implementation=self.implementation)
     return self.proj(out.reshape(b, n, d))
 
 
@@ -242,9 +244,9 @@ class SiTBlock(nnx.Module):
   """adaLN-Zero transformer block: x [B, T, D], c [B, D] -> [B, T, D]."""
 
   def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *,
-               rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
+               rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype, attention_impl: str = 'auto'):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.attn = Attention(hidden_size, num_heads, **kw)
+    self.attn = Attention(hidden_size, num_heads, implementation=attention_impl, **kw)
     self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), **kw)
     # Zero init: every block starts as the identity (gates are 0), the "Zero" of adaLN-Zero.
     self.adaLN_modulation = nnx.Sequential(
@@ -280,8 +282,10 @@ def _block_forward(block: SiTBlock, x: jax.Array, c: jax.Array) -> jax.Array:
   return block(x, c)
 
 
-# Recompute each block's activations in the backward pass instead of storing them.
-_block_forward_remat = nnx.remat(_block_forward)
+# Recompute each block's activations in the backward pass instead of storing them, keeping
+# what the policy allows (models/attention.py REMAT_POLICIES).
+_BLOCK_FORWARD_REMAT = {name: nnx.remat(_block_forward, policy=policy)
+                        for name, policy in attention.REMAT_POLICIES.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,13 +316,15 @@ class SiT(nnx.Module):
 
   `dtype` is the matmul/conv dtype (e.g. bf16); parameters are `param_dtype`; the residual
   stream, LayerNorm statistics and the output are float32. `remat=True` rematerialises each
-  block (same outputs, less activation memory).
+  block (same outputs, less activation memory), keeping what `remat_policy` allows;
+  `attention` picks the kernel (models/attention.py).
   """
 
   def __init__(self, *, depth: int, hidden_size: int, num_heads: int, patch_size: int,
                in_channels: int, input_size: int | Sequence[int], num_classes: int,
                rngs: nnx.Rngs, mlp_ratio: float = 4.0, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, remat: bool = False, two_time: bool = False):
+               param_dtype: Dtype = jnp.float32, remat: bool = False, two_time: bool = False,
+               remat_policy: str = 'dots', attention_impl: str = 'auto'):
     h, w = _pair(input_size)
     if h % patch_size or w % patch_size:
       raise ValueError(f'input_size {(h, w)} is not divisible by patch_size {patch_size}; '
@@ -338,6 +344,7 @@ class SiT(nnx.Module):
     self.grid_size = (h // patch_size, w // patch_size)
     self.num_classes = num_classes
     self.remat = remat
+    self.remat_policy = remat_policy
     self.two_time = two_time
 
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -347,7 +354,8 @@ class SiT(nnx.Module):
       self.gap_embedder = TimestepEmbedder(hidden_size, output_init=_zeros, **kw)
     self.y_embedder = LabelEmbedder(num_classes, hidden_size, **kw)
     self.blocks = nnx.List(
-        [SiTBlock(hidden_size, num_heads, mlp_ratio, **kw) for _ in range(depth)])
+        [SiTBlock(hidden_size, num_heads, mlp_ratio, attention_impl=attention_impl, **kw)
+         for _ in range(depth)])
     self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, **kw)
 
   def unpatchify(self, x: jax.Array) -> jax.Array:
@@ -374,7 +382,7 @@ class SiT(nnx.Module):
     if self.two_time:
       gap = jnp.zeros_like(t) if t_end is None else jnp.broadcast_to(jnp.asarray(t_end), (b,)) - t
       c = c + self.gap_embedder(gap)
-    block_fn = _block_forward_remat if self.remat else _block_forward
+    block_fn = _BLOCK_FORWARD_REMAT[self.remat_policy] if self.remat else _block_forward
     for block in self.blocks:
       x = constrain(block_fn(block, x, c), ACT_AXES)
     x = self.final_layer(x, c)  # [B, T, p*p*C]
@@ -408,10 +416,10 @@ SIT_SIZES: dict[str, dict[str, int]] = {
 def sit_from_name(name: str, *, input_size: int | Sequence[int], in_channels: int,
                   num_classes: int, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
                   param_dtype: Dtype = jnp.float32, remat: bool = False,
-                  two_time: bool = False) -> SiT:
+                  two_time: bool = False, **options) -> SiT:
   """Builds a named size, e.g. `sit_from_name('SiT-XL/2', input_size=32, ...)`."""
   if name not in SIT_SIZES:
     raise ValueError(f'unknown SiT size {name!r}; valid names: {", ".join(SIT_SIZES)}.')
   return SiT(**SIT_SIZES[name], input_size=input_size, in_channels=in_channels,
              num_classes=num_classes, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-             remat=remat, two_time=two_time)
+             remat=remat, two_time=two_time, **options)

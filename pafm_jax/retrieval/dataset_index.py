@@ -46,7 +46,7 @@ def index_directory(config: ml_collections.ConfigDict, workdir: str) -> str:
   if '://' in d:
     raise ValueError(f'config.retrieval.index_dir={d!r} must be a local path (ScaNN reads '
                      'its files from disk): copy the index to each host, e.g. with '
-                     'launch/gcp_tpu.sh INDEX_URI=..., and point index_dir at the copy.')
+                     'launch/gcp_tpu.sh setup --index=gs://..., and point index_dir at the copy.')
   return os.path.abspath(os.path.expanduser(d))
 
 
