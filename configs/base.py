@@ -32,19 +32,24 @@ def get_config() -> ml_collections.ConfigDict:
   # A step whose loss or gradient is not finite never changes the state; then 'stop' (an error,
   # the last checkpoint intact) or 'skip' (go on; each skip is logged and counted).
   c.fault.nonfinite = 'stop'
-  # A process with no progress for this long (a step waiting on a dead peer, a save stuck on
-  # storage, an evaluation included) exits with status 75; also JAX's heartbeat timeout of
-  # --distributed runs. 0 = off.
+  # A process whose train loop makes no progress for this long (a step waiting on a dead peer,
+  # a save stuck on storage; sampling and evaluation pause the clock) exits with status 75.
+  # 0 = off.
   c.fault.hang_timeout_s = 1800
+  # --distributed runs: a process silent this long is declared dead, which ends the others
+  # (JAX's heartbeat timeout).
+  c.fault.heartbeat_timeout_s = 100
   c.fault.inject_nonfinite_at_steps = ()   # rehearsal: steps whose gradients are made NaN
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'SiT-XL/2'
   c.model.dtype = 'float32'      # compute dtype; parameters stay float32
   c.model.remat = False          # rematerialise each transformer block in the backward pass
-  c.model.remat_policy = 'dots'  # what remat keeps: 'dots' (matmul outputs) | 'nothing'
-  # Attention kernel (models/attention.py): 'auto' = cuDNN flash on GPU (bf16), Pallas flash
-  # on TPU, XLA elsewhere; or 'xla' | 'cudnn' | 'pallas_tpu' | 'reference'.
+  # What remat keeps: 'nothing' (least memory) | 'dots' (weight-matmul outputs: less
+  # recomputation, more memory).
+  c.model.remat_policy = 'nothing'
+  # Attention kernel (models/attention.py): 'auto' = cuDNN flash on GPU (bf16), XLA elsewhere;
+  # or 'xla' | 'cudnn' | 'pallas_tpu' (opt-in, untested here) | 'reference'.
   c.model.attention = 'auto'
   # REPA projector head for VA-REPA (METHOD.md §4). Not implemented yet: must stay False; an
   # imported REPA/StableVM checkpoint's projector weights are dropped while it is.

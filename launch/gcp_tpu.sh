@@ -19,14 +19,14 @@
 #   launch/gcp_tpu.sh run sit-xl2 --zone=us-central2-b --type=v4-64 \
 #       --config=configs/sit_xl2.py --workdir=gs://my-bucket/sit_xl2 -- --config.seed=1
 #
-# --dry-run prints the exact commands instead of running them. WORKDIR should be a gs:// path:
+# --dry-run (the first argument) prints the exact commands instead of running them. WORKDIR should be a gs:// path:
 # checkpoints are written by all workers together. A preempted slice sends SIGTERM: the
 # workers save at one agreed step and exit 0; `train` again resumes there.
 set -euo pipefail
 
 DRY_RUN=0
 if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; shift; fi
-usage() { sed -n '2,26p' "$0"; exit 2; }
+usage() { sed -n '2,24p' "$0"; exit 2; }
 [ $# -ge 2 ] || usage
 STEP=$1 NAME=$2
 shift 2
@@ -72,7 +72,7 @@ create() {
   if [ "$SPOT" = 1 ]; then spot=(--spot); fi
   if [ "$QUEUED" = 1 ]; then
     run gcloud compute tpus queued-resources create "$NAME" "--node-id=$NAME" "--zone=$ZONE" \
-      "--accelerator-type=$TYPE" "--runtime-version=$RUNTIME" "${spot[@]}"
+      "--accelerator-type=$TYPE" "--runtime-version=$RUNTIME" ${spot[@]+"${spot[@]}"}
     # Wait until the slice is granted.
     local describe=(gcloud compute tpus queued-resources describe "$NAME" "--zone=$ZONE"
                     '--format=value(state.state)')
@@ -80,11 +80,17 @@ create() {
       run "${describe[@]}"
       echo "# (repeated every 30 s until it prints ACTIVE)"
     else
-      until [ "$("${describe[@]}")" = ACTIVE ]; do sleep 30; done
+      local state
+      while state=$("${describe[@]}"); [ "$state" != ACTIVE ]; do
+        case $state in
+          FAILED|SUSPENDED|DELETING) echo "gcp_tpu.sh: queued resource $NAME is $state" >&2; exit 1 ;;
+        esac
+        sleep 30
+      done
     fi
   else
     run gcloud compute tpus tpu-vm create "$NAME" "--zone=$ZONE" "--accelerator-type=$TYPE" \
-      "--version=$RUNTIME" "${spot[@]}"
+      "--version=$RUNTIME" ${spot[@]+"${spot[@]}"}
   fi
 }
 
@@ -107,7 +113,7 @@ train() {
   require workdir "$WORKDIR"
   [ -f "$REPO_DIR/$CONFIG" ] || { echo "gcp_tpu.sh: no config $CONFIG in $REPO_DIR" >&2; exit 1; }
   local quoted
-  quoted=$(printf ' %q' --distributed "--config=$CONFIG" "--workdir=$WORKDIR" "${EXTRA[@]}")
+  quoted=$(printf ' %q' --distributed "--config=$CONFIG" "--workdir=$WORKDIR" ${EXTRA[@]+"${EXTRA[@]}"})
   if [ -n "$INDEX" ]; then
     # shellcheck disable=SC2016  # $HOME is the worker's, expanded there
     quoted+=' --config.retrieval.index_dir="$HOME/pafm_index"'

@@ -18,7 +18,7 @@ set -euo pipefail
 DRY_RUN=0
 if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; shift; fi
 if [ $# -lt 1 ] || ! [[ $1 =~ ^[1-9][0-9]*$ ]]; then
-  sed -n '2,17p' "$0"; exit 2
+  sed -n '2,15p' "$0"; exit 2
 fi
 NUM=$1
 shift

@@ -167,18 +167,19 @@ def restore_intact(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
   failed = []
   for step in sorted(manager.all_steps(), reverse=True):
     check(step)
-    error = None
-    try:
-      state = restore(manager, step, abstract_state, data_iterator, derive_data_state(step))
-      verify_checksum(manager, step, state)
-    except Exception as e:  # pylint: disable=broad-except  (any failure to read is damage)
-      error = e
+    # Each process reads its own shards and iterator file, so damage may show on some only:
+    # they agree after the read and again after the checksum (a collective on every process).
+    state, error = _attempt(lambda: restore(manager, step, abstract_state, data_iterator,
+                                            derive_data_state(step)))
     if fault_tolerance.all_processes_agree(error is None):
-      _move_aside(manager, failed)
-      return state
+      _, error = _attempt(lambda: verify_checksum(manager, step, state))
+      if fault_tolerance.all_processes_agree(error is None):
+        _move_aside(manager, failed)
+        return state
+    if error is None:
+      error = RuntimeError('it failed to restore on another process (see that log)')
     logging.warning('checkpoint %d in %s cannot be restored (%s: %s); trying the one before.',
-                    step, manager.directory, type(error).__name__ if error else 'on another '
-                    'process', error or 'see its log')
+                    step, manager.directory, type(error).__name__, error)
     failed.append((step, error))
   if failed:
     raise ValueError(
@@ -186,6 +187,14 @@ def restore_intact(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
         f'{failed[0][1]!r}. Nothing was moved or deleted; if the config changed since they '
         'were written, train into a new --workdir.') from failed[0][1]
   return None
+
+
+def _attempt(read: Callable[[], Any]) -> tuple[Any, Exception | None]:
+  """(read(), None), or (None, the exception): any failure to read a checkpoint is damage."""
+  try:
+    return read(), None
+  except Exception as e:  # pylint: disable=broad-except
+    return None, e
 
 
 def _move_aside(manager: ocp.CheckpointManager, failed: list) -> None:

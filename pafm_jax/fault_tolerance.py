@@ -8,6 +8,7 @@ the devices.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import signal
@@ -36,6 +37,9 @@ def check_config(config: Any) -> None:
   if not fault.hang_timeout_s >= 0:
     raise ValueError(f'config.fault.hang_timeout_s={fault.hang_timeout_s}; use seconds > 0, '
                      'or 0 to turn the watchdog off.')
+  if not fault.heartbeat_timeout_s >= 1:
+    raise ValueError(f'config.fault.heartbeat_timeout_s={fault.heartbeat_timeout_s}; use '
+                     'whole seconds ≥ 1 (JAX\'s default is 100).')
   bad = [s for s in fault.inject_nonfinite_at_steps if not (isinstance(s, int) and s >= 0)]
   if bad:
     raise ValueError(f'config.fault.inject_nonfinite_at_steps has {bad}: list steps (ints ≥ 0) '
@@ -134,6 +138,8 @@ class Watchdog:
   A step whose collective waits for a dead peer, or a save stuck on storage, never returns;
   without this the other processes of a pod sit idle until someone notices. The thread dumps
   every thread's stack to stderr first, so the log says where it hung. timeout_s = 0: off.
+  The train loop runs under it (steps, saves, the last save); sampling and evaluation pause it,
+  and a dead peer there is JAX's heartbeat timeout's to catch.
   """
 
   def __init__(self, timeout_s: float) -> None:
@@ -141,6 +147,7 @@ class Watchdog:
     self._last = time.monotonic()
     self._what = 'the first step'
     self._stop = threading.Event()
+    self._paused = False
     self._thread = None
     if self.timeout_s > 0:
       self._thread = threading.Thread(target=self._watch, name='pafm-watchdog', daemon=True)
@@ -150,11 +157,21 @@ class Watchdog:
     """Progress: the clock restarts, waiting for `what` next."""
     self._last, self._what = time.monotonic(), what
 
+  @contextlib.contextmanager
+  def paused(self):
+    """No deadline inside (sampling, evaluation: their length is the user's choice)."""
+    what, self._paused = self._what, True
+    try:
+      yield
+    finally:
+      self._paused = False
+      self.kick(what)
+
   def _watch(self) -> None:
     poll = min(1.0, self.timeout_s / 10)
     while not self._stop.wait(poll):
       idle = time.monotonic() - self._last
-      if idle > self.timeout_s:
+      if idle > self.timeout_s and not self._paused:
         logging.error('process %d: no progress for %.0f s while waiting for %s '
                       '(config.fault.hang_timeout_s=%g); a peer process may have died. Exiting '
                       'with status %d; restart the job to resume from the last checkpoint.',
@@ -174,15 +191,18 @@ class Watchdog:
 
 
 def _leaf_checksum(x: jax.Array) -> jax.Array:
-  """A uint32 sum of the leaf's bit patterns, each weighted by an odd function of its position.
+  """A uint32 sum of the leaf's bit patterns, each weighted by an odd number that depends on
+  its position.
 
   Integer addition modulo 2³² is associative, so the value does not depend on how the leaf is
-  sharded or reduced; a flipped or zeroed byte anywhere changes it.
+  sharded or reduced. An odd weight is invertible modulo 2³², so changing any one element (any
+  of its bits) always changes the sum.
   """
   bits = x.astype(jnp.uint32) if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_ \
       else jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
   position = jnp.arange(bits.size, dtype=jnp.uint32).reshape(bits.shape)
-  return jnp.sum(bits * (position * jnp.uint32(2654435761) + jnp.uint32(1)), dtype=jnp.uint32)
+  weight = position * jnp.uint32(2 * 2654435761 % 2**32) + jnp.uint32(1)  # always odd
+  return jnp.sum(bits * weight, dtype=jnp.uint32)
 
 
 @jax.jit

@@ -35,15 +35,15 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def initialize_distributed(config) -> None:
-  """Joins the job's processes; a peer silent for config.fault.hang_timeout_s is declared dead,
-  which ends the others too (fault_tolerance.Watchdog covers steps that hang without that)."""
+  """Joins the job's processes; a peer silent for config.fault.heartbeat_timeout_s is declared
+  dead, which ends the others too (fault_tolerance.Watchdog covers steps that hang without
+  that)."""
   # CPU processes (launch/local.sh, tests) run their collectives over gloo; accelerators use
   # their own, and this setting does not touch them.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  timeout = int(config.fault.hang_timeout_s)
   jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                              num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
-                             **({'heartbeat_timeout_seconds': timeout} if timeout > 0 else {}))
+                             heartbeat_timeout_seconds=int(config.fault.heartbeat_timeout_s))
 
 
 def train_or_exit_at_once(config, workdir) -> None:

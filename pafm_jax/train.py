@@ -9,6 +9,7 @@ train_state.py, the batch fields in batch_contract.py, sample grids in sampling/
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -100,6 +101,9 @@ def make_train_step(config: ml_collections.ConfigDict, net: network.Network,
     params, ema, opt_state = fault_tolerance.keep_if_finite(
         finite, (params, ema, opt_state),
         (state['params'], state['ema_params'], state['opt_state']))
+    if prepare is not None:  # StableVM's bank keeps nothing from a non-finite step's batch
+      new_state['memory'] = fault_tolerance.keep_if_finite(finite, new_state['memory'],
+                                                           state['memory'])
     metrics = {
         'loss': loss,
         'grad_norm': grad_norm,
@@ -231,6 +235,7 @@ class PeriodicActions:
   grid_conditions: Any = None  # the sample grid's y: a row per class (or per caption)
   preemption: fault_tolerance.PreemptionNotice | None = None
   nonfinite: fault_tolerance.NonFiniteSteps | None = None
+  watchdog: fault_tolerance.Watchdog | None = None  # set by run_loop
   history: list = dataclasses.field(default_factory=list)
   last: dict = dataclasses.field(default_factory=dict)
   # Host time blocked on the data pipeline, as a share of the interval's wall time.
@@ -244,18 +249,11 @@ class PeriodicActions:
     self.history.append(metrics)
     if step % config.log_every_steps == 0 or is_last:
       self.log(step)
-    params = state['ema_params'] if config.sample.use_ema else state['params']
-    if step % config.sample_every_steps == 0 or is_last:
-      rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0x5A3), step)
-      images, _ = self.generate(params, rng, self.grid_conditions)
-      path = grids.write_sample_grid(images, config.sample.per_class, self.workdir, step,
-                                     self.writer)
-      logging.info('step %d: sample grid %s', step, path)
-    if self.evaluator is not None and (step % config.eval.every_steps == 0 or is_last):
-      rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0xE7A1), step)
-      scores = self.evaluator.evaluate(params, rng)['metrics']
-      self.writer.write_scalars(step, {f'eval/{k}': v for k, v in scores.items()})
+    # A preempted run saves at once: the grace period is no time for samples or evaluations.
     preempted = self.preemption is not None and self.preemption.reached(step, self.manager)
+    if not preempted:
+      with self.watchdog.paused() if self.watchdog else contextlib.nullcontext():
+        self.sample_and_evaluate(step, state, is_last)
     if is_last or preempted or self.manager.should_save(step):
       # A checkpoint is written only after its step is known to be finite ('stop' raises here).
       self.check_finite(step, metrics)
@@ -267,6 +265,20 @@ class PeriodicActions:
                       'start resumes from it.', step, step)
       return True
     return False
+
+  def sample_and_evaluate(self, step: int, state: dict, is_last: bool) -> None:
+    config = self.config
+    params = state['ema_params'] if config.sample.use_ema else state['params']
+    if step % config.sample_every_steps == 0 or is_last:
+      rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0x5A3), step)
+      images, _ = self.generate(params, rng, self.grid_conditions)
+      path = grids.write_sample_grid(images, config.sample.per_class, self.workdir, step,
+                                     self.writer)
+      logging.info('step %d: sample grid %s', step, path)
+    if self.evaluator is not None and (step % config.eval.every_steps == 0 or is_last):
+      rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0xE7A1), step)
+      scores = self.evaluator.evaluate(params, rng)['metrics']
+      self.writer.write_scalars(step, {f'eval/{k}': v for k, v in scores.items()})
 
   def check_finite(self, step: int, metrics: dict) -> None:
     if self.nonfinite is not None:
@@ -309,7 +321,7 @@ def run_loop(setup: train_state.TrainSetup, state: dict, data_iter,
                                            every_steps=config.log_every_steps)
   step = int(jax.device_get(state['step']))
   actions.interval_start = time.perf_counter()
-  watchdog = fault_tolerance.Watchdog(config.fault.hang_timeout_s)
+  watchdog = actions.watchdog = fault_tolerance.Watchdog(config.fault.hang_timeout_s)
   previous = None
   try:
     while step < config.total_steps:
@@ -334,6 +346,9 @@ def run_loop(setup: train_state.TrainSetup, state: dict, data_iter,
     if previous is not None:
       jax.block_until_ready(previous)
       actions.check_finite(step, previous)
+    # A save stuck on storage (orbax#392 on GCS) is a hang too.
+    watchdog.kick('the last checkpoint save')
+    actions.manager.wait_until_finished()
   finally:
     watchdog.close()
   return state

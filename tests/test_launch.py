@@ -100,7 +100,7 @@ def test_slurm_dry_run_prints_the_batch_script(main_flags):
                         '--partition=gpu', '--config=configs/sit_xl2.py', '--workdir=/shared/r',
                         '--', '--config.seed=1'], capture_output=True, text=True, check=True)
   lines = out.stdout.splitlines()
-  assert {'#SBATCH --nodes=4', '#SBATCH --ntasks-per-node=1', '#SBATCH --gpus-per-node=8',
+  assert {'#SBATCH --nodes=4', '#SBATCH --ntasks-per-node=8', '#SBATCH --gpus-per-node=8',
           '#SBATCH --partition=gpu', '#SBATCH --signal=TERM@300'} <= set(lines)
   srun = shlex.split(next(line for line in lines if line.startswith('srun')))
   assert main_flags(srun) == ['--distributed', '--config=configs/sit_xl2.py',

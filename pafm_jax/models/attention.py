@@ -6,8 +6,11 @@ shape [B, T, heads, head_dim] (mask: [B, 1, 1, S] bool, True = attend), by one o
   reference   einsum, float32 softmax, einsum: the textbook formula (and upstream SiT's)
   xla         jax.nn.dot_product_attention's XLA implementation (CPU, and the fallback)
   cudnn       jax.nn.dot_product_attention's cuDNN flash kernel (GPU; bf16/fp16 inputs)
-  pallas_tpu  the Pallas flash-attention kernel of jax.experimental.pallas.ops.tpu (TPU)
-  auto        cudnn on GPU for bf16/fp16, pallas_tpu on TPU, else xla (config.model.attention)
+  pallas_tpu  the Pallas flash-attention kernel of jax.experimental.pallas.ops.tpu (TPU; token
+              counts that are multiples of 128; opt-in: no TPU was at hand to test it, and a
+              sharded batch may need a shard_map around it)
+  auto        cudnn on GPU for bf16/fp16 without a padding mask, else xla
+              (config.model.attention)
 
 All of them compute the same function; tests/test_attention.py checks it on CPU (xla against
 reference, and that the compiled FLOPs agree) and benchmarks/train_step.py measures them.
@@ -22,9 +25,10 @@ import jax.numpy as jnp
 
 IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'pallas_tpu', 'reference')
 # Block rematerialisation (config.model.remat_policy): what the backward pass may keep.
-#   nothing  recompute the whole block (least memory)
+#   nothing  recompute the whole block (least memory; the default)
 #   dots     keep matmul outputs without batch dimensions (weights × activations), recompute
-#            the cheap elementwise work (LayerNorm, GELU, modulation, softmax)
+#            the cheap elementwise work (LayerNorm, GELU, modulation, softmax): less compute,
+#            more memory (the MLP's 4×D hidden layer is kept)
 REMAT_POLICIES = {
     'nothing': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -51,10 +55,9 @@ def resolve(implementation: str, dtype, masked: bool = False) -> str:
   if implementation != 'auto':
     return implementation
   platform = jax.devices()[0].platform
-  if platform == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+  # A padding mask (MMDiT's captions) stays on XLA: cuDNN's kernel wants sequence lengths.
+  if platform == 'gpu' and not masked and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
     return 'cudnn'
-  if platform == 'tpu' and not masked:
-    return 'pallas_tpu'
   return 'xla'
 
 
@@ -66,8 +69,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = No
   if implementation == 'reference':
     return reference_attention(q, k, v, mask)
   if implementation == 'pallas_tpu':
-    if mask is not None:
-      raise ValueError("attention 'pallas_tpu' takes no padding mask here; use 'xla'.")
+    if mask is not None or q.shape[1] % 128 or k.shape[1] % 128:
+      raise ValueError("attention 'pallas_tpu' needs token counts that are multiples of 128 "
+                       f"and no padding mask (here {q.shape[1]} and {k.shape[1]} tokens, "
+                       f"mask {mask is not None}); use 'auto' or 'xla'.")
     # Imported here: the TPU kernels' module is only needed (and only useful) on a TPU.
     from jax.experimental.pallas.ops.tpu import flash_attention  # pylint: disable=g-import-not-at-top
     # The kernel's layout is [B, N, T, H].

@@ -117,7 +117,7 @@ class MMDiT(nnx.Module):
   def __init__(self, *, depth: int, hidden_size: int, num_heads: int, patch_size: int,
                in_channels: int, input_size: int | Sequence[int], text_width: int,
                rngs: nnx.Rngs, mlp_ratio: float = 4.0, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, remat: bool = False, remat_policy: str = 'dots',
+               param_dtype: Dtype = jnp.float32, remat: bool = False, remat_policy: str = 'nothing',
                attention_impl: str = 'auto'):
     h, w = _pair(input_size)
     if h % patch_size or w % patch_size or hidden_size % num_heads or hidden_size % 4:

@@ -324,7 +324,7 @@ class SiT(nnx.Module):
                in_channels: int, input_size: int | Sequence[int], num_classes: int,
                rngs: nnx.Rngs, mlp_ratio: float = 4.0, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, remat: bool = False, two_time: bool = False,
-               remat_policy: str = 'dots', attention_impl: str = 'auto'):
+               remat_policy: str = 'nothing', attention_impl: str = 'auto'):
     h, w = _pair(input_size)
     if h % patch_size or w % patch_size:
       raise ValueError(f'input_size {(h, w)} is not divisible by patch_size {patch_size}; '
