@@ -43,7 +43,7 @@ XDIST ?= -n auto --dist loadfile
 test: venv dataset
 	$(PY) -m pytest -q $(XDIST) tests $(PYTEST_ARGS)
 
-# The inner loop: every test not marked slow (about 4 minutes on a 2-core machine).
+# The inner loop: every test not marked slow (about 3 minutes on a 2-core machine).
 test-fast: venv dataset
 	$(PY) -m pytest -q $(XDIST) tests -m "not slow" $(PYTEST_ARGS)
 
