@@ -65,18 +65,17 @@ def workdir_path(workdir: str) -> epath.Path:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
-         *, inputs: dict | None = None, force: bool = False) -> bool:
-  """Saves state and iterator at `step` if the interval says so (or `force`), with `inputs`
-  (a JSON dict naming what else the run's numbers depend on, see `check_inputs`) and the
-  state's checksum, which `restore_intact` compares with what it reads back."""
-  if not (force or manager.should_save(step)):
-    return False
+         *, inputs: dict | None = None) -> bool:
+  """Saves state and iterator at `step` (the train loop decides when: interval, last step,
+  preemption), with `inputs` (a JSON dict naming what else the run's numbers depend on, see
+  `check_inputs`) and the state's checksum, which `restore_intact` compares with what it
+  reads back."""
   args = {'state': ocp.args.StandardSave(state),
           'data': grain.checkpoint.CheckpointSave(data_iterator),
           'checksum': ocp.args.JsonSave(fault_tolerance.state_checksum(state))}
   if inputs is not None:
     args['inputs'] = ocp.args.JsonSave(inputs)
-  return manager.save(step, args=ocp.args.Composite(**args), force=force)
+  return manager.save(step, args=ocp.args.Composite(**args), force=True)
 
 
 def check_inputs(manager: ocp.CheckpointManager, step: int, inputs: dict) -> None:

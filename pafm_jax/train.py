@@ -257,8 +257,7 @@ class PeriodicActions:
     if is_last or preempted or self.manager.should_save(step):
       # A checkpoint is written only after its step is known to be finite ('stop' raises here).
       self.check_finite(step, metrics)
-      checkpointing.save(self.manager, step, state, self.data_iter, inputs=self.inputs,
-                         force=True)
+      checkpointing.save(self.manager, step, state, self.data_iter, inputs=self.inputs)
     if preempted:
       self.manager.wait_until_finished()
       logging.warning('preemption (SIGTERM) at step %d: checkpoint %d saved, exiting; the next '
