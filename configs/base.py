@@ -51,9 +51,14 @@ def get_config() -> ml_collections.ConfigDict:
   # Attention kernel (models/attention.py): 'auto' = cuDNN flash on GPU (bf16), XLA elsewhere;
   # or 'xla' | 'cudnn' | 'pallas_tpu' (opt-in, untested here) | 'reference'.
   c.model.attention = 'auto'
-  # REPA projector head for VA-REPA (METHOD.md §4). Not implemented yet: must stay False; an
-  # imported REPA/StableVM checkpoint's projector weights are dropped while it is.
+  # REPA projector head (METHOD.md §4, pafm_jax/repa.py): an MLP D → projector_dim → SiLU →
+  # projector_dim → SiLU → projector_features on the residual stream after block
+  # projector_depth. Trained by config.objective.repa; a torch import of a REPA/StableVM
+  # checkpoint keeps its projector when this is on (and drops it when off).
   c.model.projector = False
+  c.model.projector_depth = 8
+  c.model.projector_dim = 2048
+  c.model.projector_features = 768  # the frozen encoder's feature width (DINOv2-B/14: 768)
 
   c.objective = ml_collections.ConfigDict()
   c.objective.name = 'fm'
@@ -77,6 +82,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.objective.stablevm.bank_dtype = 'float32'
   c.objective.stablevm.t_min = 0.5
   c.objective.stablevm.temperature = 1.0
+
+  # Representation alignment (REPA / VA-REPA, METHOD.md §4, pafm_jax/repa.py): an auxiliary
+  # loss λ·Σ w(t)·(−cos(z̃, z)) / Σ w(t) between the projector's tokens and a frozen encoder's
+  # patch features of the clean image, added to the objective's loss in the same step.
+  c.objective.repa = ml_collections.ConfigDict()
+  c.objective.repa.weight = 0.0            # λ; 0 = off (VA-REPA: 0.5)
+  c.objective.repa.schedule = 'sigmoid'    # uniform (REPA) | hard | sigmoid | cosine | snr
+  c.objective.repa.tau = 0.7               # the schedule's split point τ
+  c.objective.repa.sharpness = 20.0        # k of the sigmoid schedule
+  # The frozen encoder: 'classifier' (the domain classifier's feature map, eval.classifier_dir)
+  # or 'dinov2' (models/dinov2.py, weights in encoder_path, features at encoder_resolution).
+  c.objective.repa.encoder = 'dinov2'
+  c.objective.repa.encoder_path = ''
+  c.objective.repa.encoder_resolution = 224
 
   # Flow maps (METHOD.md §5, pafm_jax/flow_maps.py): a two-time network φ_{s,t}, sampled in
   # k jumps (config.sample.method='flow_map').

@@ -11,6 +11,7 @@ Shapes are written with symbols, resolved from the config by `dims`:
   M  memory-bank slots per class (config.objective.stablevm.bank_capacity)
   L  caption tokens per row (config.data.max_tokens)
   E  text-encoder width (config.data.text_width)
+  N  patch features of the REPA encoder per image   F  their width (config.model.projector_*)
 
 Dtypes are those the step sees; the host may hand wider integers (dataset ids are int64 in
 the pipeline), which the assembly into global arrays casts.
@@ -31,6 +32,7 @@ TEXT = 'text'            # a captioned source (data/captioned.py): caption encod
 NEIGHBOUR_TEXT = 'neighbour_text'  # the retrieval stage on captioned data: neighbours' too
 IMAGE_TEXT = 'image_text'  # a captioned source with LiT image embeddings (config.data.lit_dir)
 NEIGHBOUR_IMAGE_TEXT = 'neighbour_image_text'  # the retrieval stage: the neighbours' too
+ALIGNMENT = 'alignment'  # the frozen REPA encoder, inside the step (repa.py)
 
 IMAGE, LABEL, ID = 'image', 'label', 'id'
 T, EPS = 't', 'eps'
@@ -39,6 +41,7 @@ BANK_CANDIDATES, BANK_VALID = 'bank_candidates', 'bank_valid'
 COND_EMBEDDING, NEIGHBOUR_COND_EMBEDDING = 'cond_embedding', 'neighbour_cond_embedding'
 TEXT_TOKENS, TEXT_MASK = 'text_tokens', 'text_mask'
 IMAGE_EMBEDDING, NEIGHBOUR_IMAGE_EMBEDDING = 'image_embedding', 'neighbour_image_embedding'
+REPA_FEATURES = 'repa_features'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +77,8 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
           'embedding of the image, in the caption vectors\' space'),
     Field(NEIGHBOUR_IMAGE_EMBEDDING, ('B', 'k', 'E'), 'float32', NEIGHBOUR_IMAGE_TEXT,
           "the retrieved items' image embeddings"),
+    Field(REPA_FEATURES, ('B', 'N', 'F'), 'float32', ALIGNMENT, "the frozen encoder's patch "
+          'features of the clean images the loss is computed on (after StableVM draws them)'),
 )}
 
 # Producers that run in the data pipeline (their fields cross the host → device boundary).
@@ -105,6 +110,8 @@ def active_producers(config) -> tuple[str, ...]:
     active.append(NOISE)
   if config.objective.name == 'stablevm':
     active.append(BANK)
+  if config.objective.repa.weight > 0:
+    active.append(ALIGNMENT)
   return tuple(active)
 
 
@@ -129,7 +136,8 @@ def dims(config) -> dict[str, tuple[int, ...]]:
   return {'B': (config.global_batch_size,), 'k': (config.retrieval.k,),
           'M': (config.objective.stablevm.bank_capacity,),
           'S': (s, s, config.data.channels),
-          'L': (config.data.get('max_tokens', 32),), 'E': (config.data.get('text_width', 384),)}
+          'L': (config.data.get('max_tokens', 32),), 'E': (config.data.get('text_width', 384),),
+          'F': (config.model.projector_features,)}
 
 
 def global_shape(field: Field, config) -> tuple[int, ...]:

@@ -11,7 +11,9 @@ Names and layouts (METHOD.md §6; pafm_jax/models/sit.py lists the same table):
     final_layer.{adaLN_modulation.1, linear}  final_layer.{adaLN_modulation.layers.1, linear}
     *.bias                                    *.bias
     pos_embed [1, T, D]                       not a parameter: checked against our sin-cos table
-    projectors.* (REPA, StableVM)             not part of SiT: returned when asked for, else dropped
+    projectors.0.{0,2,4}.weight (REPA, StableVM)   projectors.0.layers.{0,2,4}.kernel, when the
+                                              model has a projector (config.model.projector);
+                                              else returned when asked for, or dropped
 
 Output channels: the original SiT trains with `learn_sigma=True`, so its final linear predicts
 2C channels per pixel, ordered (p_row, p_col, channel) per token, and only the first C are the
@@ -63,7 +65,8 @@ POS_EMBED = 'pos_embed'
 # Upstream stores the sin-cos table in float32; ours is computed in float64 then rounded.
 POS_EMBED_ATOL = 1e-5
 
-_TOP_ORDER = ('x_embedder', 't_embedder', 'y_embedder', 'blocks', 'final_layer')
+_TOP_ORDER = ('x_embedder', 't_embedder', 'y_embedder', 'blocks', 'final_layer',
+              'projectors')
 
 
 class ConversionError(ValueError):
@@ -191,7 +194,10 @@ def check_sit_state_dict(state_dict: Mapping[str, Any], target: Mapping,
     expected[name] = _upstream_shape(name, tuple(leaf.shape), learn_sigma)
   gh, gw = grid_size
   d = target['x_embedder']['proj']['kernel'].shape[-1]
-  present = {k for k in state_dict if k != POS_EMBED and not k.startswith(PROJECTOR_PREFIX)}
+  # A model without a projector ignores the checkpoint's; one with a projector needs it.
+  has_projector = 'projectors' in target
+  present = {k for k in state_dict
+             if k != POS_EMBED and (has_projector or not k.startswith(PROJECTOR_PREFIX))}
   problems = []
   for name in sorted(set(expected) | present, key=_sort_key):
     if name not in state_dict:
@@ -274,6 +280,8 @@ def convert_sit_state_dict(state_dict: Mapping[str, Any], target: Mapping, *,
     dropped.append(POS_EMBED)
   projector_keys = sorted(k for k in state_dict if k.startswith(PROJECTOR_PREFIX))
   projectors = None
+  if 'projectors' in target:
+    projector_keys = []   # converted into the model's own projector below
   if keep_projectors:
     projectors = {k: np.asarray(state_dict[k]) for k in projector_keys}
   elif projector_keys:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from pafm_jax import batch_contract as fields
-from pafm_jax import candidates, flow_maps, paths
+from pafm_jax import candidates, flow_maps, paths, repa
 
 
 def sample_t(rng: jax.Array, batch_size: int, kind: str) -> jax.Array:
@@ -234,6 +234,7 @@ def check_config(config) -> None:
     raise ValueError("StableVM's memory bank keeps a row per class and draws its training pairs "
                      'from it, without their captions: it trains class-conditional models. For '
                      "captioned data use config.objective.name='pafm' (or 'fm').")
+  repa.check_config(config)
   if obj.name == 'stablevm' and obj.stablevm.bank_capacity < 1:
     raise ValueError('config.objective.stablevm.bank_capacity must be ≥ 1, got '
                      f'{obj.stablevm.bank_capacity}.')
@@ -347,9 +348,37 @@ def _labels_condition(batch, labels):
   return labels
 
 
+@dataclasses.dataclass(frozen=True)
+class Alignment:
+  """Representation alignment as an auxiliary loss of the step (repa.py): `apply(params, x, t,
+  y)` → (velocity, projector tokens z̃); the batch's 'repa_features' are the target z."""
+  apply: Callable
+  weight: float
+  schedule: str
+  tau: float
+  sharpness: float
+
+  def __call__(self, path, projected, batch, t):
+    weights = repa.schedule_weights(t, self.schedule, tau=self.tau, sharpness=self.sharpness,
+                                    path=path)
+    loss, per_sample = repa.alignment_loss(projected, _field(batch, fields.REPA_FEATURES),
+                                           weights)
+    return loss, {'alignment': per_sample, 'alignment_weight': weights}
+
+
+def make_alignment(config, apply_with_projection: Callable) -> Alignment | None:
+  """The step's Alignment when config.objective.repa.weight > 0, else None."""
+  if not repa.is_active(config):
+    return None
+  r = config.objective.repa
+  return Alignment(apply_with_projection, float(r.weight), r.schedule, float(r.tau),
+                   float(r.sharpness))
+
+
 def velocity_loss(apply_fn, params, batch: dict, rng: jax.Array, *, path, target_fn,
                   t_sampling: str, label_drop: float, null_label: int,
-                  noise_from_batch: bool = False, condition_fn: Callable = _labels_condition):
+                  noise_from_batch: bool = False, condition_fn: Callable = _labels_condition,
+                  alignment: Alignment | None = None):
   """The regression loss shared by every objective.
 
   batch: batch_contract fields, 'image' [B, *S] clean data x0 and 'label' [B] at least; with
@@ -357,7 +386,9 @@ def velocity_loss(apply_fn, params, batch: dict, rng: jax.Array, *, path, target
   'eps' [B, *S], drawn by the data pipeline instead of here.
   condition_fn(batch, dropped labels) → the network's condition y (Network.condition: the
   labels themselves, or a caption's encoding).
-  Returns (mean loss, aux) with aux['per_sample'] the [B] losses and aux['t'] the times.
+  alignment: adds λ·L_align of the projector's tokens (repa.py); aux then also holds
+  'alignment_loss' and the per-sample 'alignment' [B] and 'alignment_weight' [B].
+  Returns (loss, aux) with aux['per_sample'] the [B] velocity losses and aux['t'] the times.
   """
   x0 = _field(batch, fields.IMAGE)
   rng_t, rng_eps, rng_drop = jax.random.split(rng, 3)
@@ -370,10 +401,20 @@ def velocity_loss(apply_fn, params, batch: dict, rng: jax.Array, *, path, target
   x_t = paths.interpolate(path, x0, eps, t)
   target, diagnostics = target_fn(path, x_t, t, x0, eps, labels, batch)
   target = jax.lax.stop_gradient(target)
-  pred = apply_fn(params, x_t, t, condition_fn(batch, labels))
+  y = condition_fn(batch, labels)
+  if alignment is None:
+    pred = apply_fn(params, x_t, t, y)
+  else:
+    pred, projected = alignment.apply(params, x_t, t, y)
   per_sample = jnp.mean(jnp.square(pred.astype(jnp.float32) - target),
                         axis=tuple(range(1, x0.ndim)))
-  return jnp.mean(per_sample), {'per_sample': per_sample, 't': t, **diagnostics}
+  aux = {'per_sample': per_sample, 't': t, **diagnostics}
+  loss = jnp.mean(per_sample)
+  if alignment is not None:
+    aux['alignment_loss'], extra = alignment(path, projected, batch, t)
+    aux.update(extra)
+    loss = loss + alignment.weight * aux['alignment_loss']
+  return loss, aux
 
 
 def teacher_target(teacher: Callable) -> Callable:

@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pafm_jax import (batch_contract, checkpointing, config_checks, fault_tolerance, flow_maps,
-                      objectives, paths, sharding, train_state)
+                      objectives, paths, repa, sharding, train_state)
 from pafm_jax.data import pipeline
 from pafm_jax.evaluation import runner
 from pafm_jax.models import network
@@ -56,8 +56,11 @@ def make_train_step(config: ml_collections.ConfigDict, net: network.Network,
       # `prepare` replaces the batch (by pairs drawn from the bank): the pipeline's noise was
       # drawn for the data batch, not for them.
       noise_from_batch=batch_contract.pipeline_draws_noise(config) and prepare is None)
+  alignment = objectives.make_alignment(config, net.apply_with_projection)
+  encode = repa.frozen_encoder(config).apply if alignment is not None else None
   if objective.flow_map is None:
-    loss_fn = functools.partial(objectives.velocity_loss, net.apply, **common)
+    loss_fn = functools.partial(objectives.velocity_loss, net.apply, alignment=alignment,
+                                **common)
   else:
     loss_fn = functools.partial(objectives.flow_map_loss, net.apply, options=objective.flow_map,
                                 **common)
@@ -82,6 +85,11 @@ def make_train_step(config: ml_collections.ConfigDict, net: network.Network,
                                            config.objective.label_drop)
     if objective.teacher_apply is not None:
       new_state['teacher'] = state['teacher']
+    if encode is not None:
+      # The clean images the loss sees (StableVM's drawn pairs, not the data batch).
+      new_state['repa_encoder'] = state['repa_encoder']
+      batch = {**batch, batch_contract.REPA_FEATURES: jax.lax.stop_gradient(
+          encode(state['repa_encoder'], batch[batch_contract.IMAGE]))}
     (_, aux), grads = jax.value_and_grad(
         lambda p: loss_of(p, batch, rng, state), has_aux=True)(state['params'])
     if inject_nonfinite:
@@ -111,6 +119,8 @@ def make_train_step(config: ml_collections.ConfigDict, net: network.Network,
         'nonfinite': jnp.logical_not(finite).astype(jnp.int32),
         **bucket_sums(aux),
     }
+    if alignment is not None:
+      metrics['alignment_loss'] = aux['alignment_loss']
     new_state.update(step=state['step'] + 1, params=params, ema_params=ema, opt_state=opt_state)
     return new_state, metrics
 
@@ -186,7 +196,7 @@ def summarize(history: list[dict]) -> dict[str, float]:
   # Skipped (non-finite) steps are counted, not averaged in.
   history = [h for h in history if not int(h['nonfinite'])] or history
   out = {k: float(np.mean([h[k] for h in history]))
-         for k in ('loss', 'grad_norm', 'learning_rate')}
+         for k in ('loss', 'grad_norm', 'learning_rate', 'alignment_loss') if k in history[0]}
   out['nonfinite_steps'] = float(skipped)
   counts = np.sum([h['t_bucket_count'] for h in history], axis=0)
   for name in ('loss', *BUCKETED_DIAGNOSTICS):

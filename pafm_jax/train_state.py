@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pafm_jax import batch_contract, checkpointing, flow_maps, objectives, sharding
+from pafm_jax import batch_contract, checkpointing, flow_maps, objectives, repa, sharding
 from pafm_jax.data import pipeline
 from pafm_jax.models import network
 
@@ -69,12 +69,13 @@ def ema_decay(step: jax.Array, decay: float) -> jax.Array:
 # The state.
 
 
-def init_state(rng: jax.Array, teacher: Any = None, *, make_model,
+def init_state(rng: jax.Array, teacher: Any = None, repa_encoder: Any = None, *, make_model,
                tx: optax.GradientTransformation, memory: objectives.MemoryBank | None = None,
                init_from_teacher: bool = False, keep_teacher: bool = False) -> dict:
   """A fresh state. A flow map's `teacher` parameters start its weights with
   `init_from_teacher` (flow_maps.overlay) and stay in it as 'teacher' with `keep_teacher`
-  (the step evaluates them)."""
+  (the step evaluates them); a frozen REPA encoder's parameters stay in it as
+  'repa_encoder' (repa.py), so a resumed run aligns to the same features."""
   params = nnx.to_pure_dict(nnx.state(make_model(rng), nnx.Param))
   if teacher is not None and init_from_teacher:
     # Copies: under jit an input forwarded unchanged to two outputs would be one buffer, and
@@ -83,6 +84,8 @@ def init_state(rng: jax.Array, teacher: Any = None, *, make_model,
   state = state_from_params(params, jax.tree.map(jnp.copy, params), tx, memory=memory)
   if keep_teacher:
     state['teacher'] = teacher
+  if repa_encoder is not None:
+    state['repa_encoder'] = jax.tree.map(jnp.asarray, repa_encoder)
   return state
 
 
@@ -118,6 +121,8 @@ def state_shardings(abstract_state: dict, net: network.Network,
   if teacher_net is not None:
     out['teacher'] = sharding.tree_shardings(abstract_state['teacher'], teacher_net.logical_axes,
                                              mesh, rules)
+  if 'repa_encoder' in abstract_state:  # small next to the model: a copy on every device
+    out['repa_encoder'] = jax.tree.map(lambda _: replicated, abstract_state['repa_encoder'])
   return out
 
 
@@ -135,6 +140,7 @@ class TrainSetup:
   rules: tuple
   objective: objectives.Objective
   teacher_net: network.Network | None = None
+  repa_encoder: repa.FrozenEncoder | None = None
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict, mesh) -> 'TrainSetup':
@@ -155,13 +161,15 @@ class TrainSetup:
         init_state, make_model=network.model_factory(config), tx=tx, memory=objective.memory,
         init_from_teacher=bool(options and options.init_from_teacher),
         keep_teacher=keep_teacher)
+    encoder = repa.frozen_encoder(config) if repa.is_active(config) else None
     abstract_state = jax.eval_shape(init_fn, jax.random.key(config.seed),
-                                    teacher_net and teacher_net.abstract_params)
+                                    teacher_net and teacher_net.abstract_params,
+                                    encoder and encoder.abstract_params)
     rules = tuple(config.logical_axis_rules)
     shardings = state_shardings(abstract_state, net, tx, mesh, rules, objective.memory,
                                 teacher_net if keep_teacher else None)
     return cls(config, mesh, net, tx, init_fn, abstract_state, shardings,
-               batch_contract.batch_spec(config), rules, objective, teacher_net)
+               batch_contract.batch_spec(config), rules, objective, teacher_net, encoder)
 
   def init(self) -> dict:
     """Initialised under jit straight into its shards: no full copy on any one device. A flow
@@ -176,8 +184,13 @@ class TrainSetup:
                               self.teacher_net.abstract_params, shardings)
       teacher, step = checkpointing.restore_params(workdir, abstract, use_ema=True)
       logging.info('flow-map teacher: EMA weights of step %d from %s', step, workdir)
+    encoder = None
+    if self.repa_encoder is not None:
+      encoder = self.repa_encoder.load_params()
+      logging.info('REPA encoder: %s, %s parameters', self.repa_encoder.name,
+                   f'{network.count_params(encoder):,}')
     return jax.jit(self.init_fn, out_shardings=self.state_shardings)(
-        jax.random.key(self.config.seed), teacher)
+        jax.random.key(self.config.seed), teacher, encoder)
 
   def sharded_abstract_state(self) -> dict:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

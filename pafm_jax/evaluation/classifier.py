@@ -52,9 +52,14 @@ class DomainClassifier(nnx.Module):
     self.hidden = nnx.Linear(pooled * pooled * widths[1], feature_dim, rngs=rngs)
     self.head = nnx.Linear(feature_dim, num_classes, rngs=rngs)
 
-  def features(self, x: jax.Array) -> jax.Array:
+  def feature_map(self, x: jax.Array) -> jax.Array:
+    """The convolutional features [B, H/4, W/4, widths[1]] (REPA's target on Fashion-MNIST:
+    7×7 patches, one per token of a patch-4 SiT)."""
     x = nnx.max_pool(jax.nn.relu(self.conv1(x)), (2, 2), (2, 2))
-    x = nnx.max_pool(jax.nn.relu(self.conv2(x)), (2, 2), (2, 2))
+    return nnx.max_pool(jax.nn.relu(self.conv2(x)), (2, 2), (2, 2))
+
+  def features(self, x: jax.Array) -> jax.Array:
+    x = self.feature_map(x)
     return jax.nn.relu(self.hidden(x.reshape(x.shape[0], -1)))
 
   def __call__(self, x: jax.Array) -> jax.Array:

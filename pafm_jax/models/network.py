@@ -61,6 +61,12 @@ class Network:
       return model(x, t, (y['tokens'], y['mask'], y['pooled']))
     return model(x, t, y) if t_end is None else model(x, t, y, t_end=t_end)
 
+  def apply_with_projection(self, params, x, t, y):
+    """(velocity [B, H, W, C], projector tokens z̃ [B, T, F]) of a SiT with a REPA projector
+    (config.model.projector; repa.py)."""
+    model = nnx.merge(self.graphdef, params)
+    return model(x, t, y, project=True)
+
   @property
   def null_condition(self):
     """What guidance substitutes for a dropped condition: the null label, or for text the
@@ -118,8 +124,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.data.image_size={config.data.image_size} is not divisible by the '
                      f'patch size {patch} of {config.model.name}; pick another model or size.')
   if config.model.projector:
-    raise ValueError('config.model.projector=True asks for a VA-REPA projector head, which '
-                     'pafm_jax does not implement yet; set it to False.')
+    if family(config) == 'text':
+      raise ValueError('config.model.projector=True: the REPA projector head is built for SiT '
+                       'models; MMDiT has none.')
+    depth = sizes[config.model.name]['depth']
+    if not 1 <= config.model.projector_depth <= depth:
+      raise ValueError(f'config.model.projector_depth={config.model.projector_depth} but '
+                       f'{config.model.name} has blocks 1..{depth}.')
   if config.model.dtype not in DTYPES:
     raise ValueError(f'config.model.dtype must be one of {sorted(DTYPES)}, '
                      f'got {config.model.dtype!r}.')
@@ -141,6 +152,7 @@ def model_factory(config: ml_collections.ConfigDict,
 
   options = dict(remat=config.model.remat, remat_policy=config.model.remat_policy,
                  attention_impl=config.model.attention)
+  projector = projector_shape(config)
 
   def make(rng: jax.Array) -> nnx.Module:
     if family(config) == 'text':
@@ -153,8 +165,16 @@ def model_factory(config: ml_collections.ConfigDict,
         config.model.name, input_size=config.data.image_size,
         in_channels=config.data.channels, num_classes=config.data.num_classes,
         rngs=nnx.Rngs(params=rng), dtype=DTYPES[config.model.dtype],
-        param_dtype=jnp.float32, two_time=two_time, **options)
+        param_dtype=jnp.float32, two_time=two_time, projector=projector, **options)
   return make
+
+
+def projector_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int] | None:
+  """(block it reads after, hidden width, feature width) of the REPA projector, or None."""
+  if not config.model.projector:
+    return None
+  m = config.model
+  return (int(m.projector_depth), int(m.projector_dim), int(m.projector_features))
 
 
 def build_network(config: ml_collections.ConfigDict, two_time: bool | None = None) -> Network:

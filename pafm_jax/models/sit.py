@@ -19,6 +19,7 @@ Module/attribute names follow upstream so a checkpoint converter is a renaming p
     final_layer.adaLN_modulation.1          final_layer.adaLN_modulation.layers.1
     final_layer.linear                      final_layer.linear
     pos_embed (frozen buffer)               -- not stored: recomputed as a constant
+    projectors.0.{0,2,4} (REPA)             projectors.0.layers.{0,2,4}
 
 Every parameter carries logical axis names (`out_sharding` metadata); `pafm_jax.sharding` maps
 them to mesh axes. Eager sharding is switched off per parameter so the model can be built (and
@@ -278,6 +279,17 @@ class FinalLayer(nnx.Module):
     return self.linear(modulate(_layer_norm(x), shift, scale))
 
 
+def projector_mlp(hidden_size: int, projector_dim: int, feature_dim: int, *, rngs: nnx.Rngs,
+                  dtype: Dtype, param_dtype: Dtype) -> nnx.Sequential:
+  """REPA's projector: Linear(D, P) → SiLU → Linear(P, P) → SiLU → Linear(P, F), applied per
+  token; indices 0, 2, 4 match upstream's nn.Sequential, so a torch import is a renaming."""
+  kw = dict(kernel_init=_xavier, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+  return nnx.Sequential(
+      _linear(hidden_size, projector_dim, ('embed', 'mlp'), **kw), nnx.silu,
+      _linear(projector_dim, projector_dim, ('mlp', 'projector'), **kw), nnx.silu,
+      _linear(projector_dim, feature_dim, ('projector', 'features'), **kw))
+
+
 def _block_forward(block: SiTBlock, x: jax.Array, c: jax.Array) -> jax.Array:
   return block(x, c)
 
@@ -324,7 +336,8 @@ class SiT(nnx.Module):
                in_channels: int, input_size: int | Sequence[int], num_classes: int,
                rngs: nnx.Rngs, mlp_ratio: float = 4.0, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, remat: bool = False, two_time: bool = False,
-               remat_policy: str = 'nothing', attention_impl: str = 'auto'):
+               remat_policy: str = 'nothing', attention_impl: str = 'auto',
+               projector: tuple[int, int, int] | None = None):
     h, w = _pair(input_size)
     if h % patch_size or w % patch_size:
       raise ValueError(f'input_size {(h, w)} is not divisible by patch_size {patch_size}; '
@@ -357,6 +370,16 @@ class SiT(nnx.Module):
         [SiTBlock(hidden_size, num_heads, mlp_ratio, attention_impl=attention_impl, **kw)
          for _ in range(depth)])
     self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, **kw)
+    self.projector_depth = 0
+    if projector is not None:
+      depth_at, projector_dim, feature_dim = projector
+      if not 1 <= depth_at <= depth:
+        raise ValueError(f'the projector reads the residual stream after block {depth_at}, but '
+                         f'the model has blocks 1..{depth}; set config.model.projector_depth.')
+      self.projector_depth = depth_at
+      # A list of one, as upstream REPA keeps one projector per target encoder.
+      self.projectors = nnx.List(
+          [projector_mlp(hidden_size, projector_dim, feature_dim, **kw)])
 
   def unpatchify(self, x: jax.Array) -> jax.Array:
     """[B, T, p*p*C] (per-token order p_row, p_col, C as in DiT) -> [B, H, W, C]."""
@@ -367,7 +390,9 @@ class SiT(nnx.Module):
     return x.reshape(b, gh * p, gw * p, c)
 
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array,
-               t_end: jax.Array | None = None) -> jax.Array:
+               t_end: jax.Array | None = None, project: bool = False):
+    """The velocity [B, H, W, C]; with `project=True` also the projector's tokens z̃
+    [B, T, F] of the residual stream after block `projector_depth` (REPA)."""
     b = x.shape[0]
     if tuple(x.shape[1:]) != (*self.input_size, self.in_channels):
       raise ValueError(f'expected x of shape [B, {self.input_size[0]}, {self.input_size[1]}, '
@@ -382,11 +407,16 @@ class SiT(nnx.Module):
     if self.two_time:
       gap = jnp.zeros_like(t) if t_end is None else jnp.broadcast_to(jnp.asarray(t_end), (b,)) - t
       c = c + self.gap_embedder(gap)
+    if project and not self.projector_depth:
+      raise ValueError('this SiT has no projector head; build it with config.model.projector.')
     block_fn = _BLOCK_FORWARD_REMAT[self.remat_policy] if self.remat else _block_forward
-    for block in self.blocks:
+    projected = None
+    for i, block in enumerate(self.blocks):
       x = constrain(block_fn(block, x, c), ACT_AXES)
-    x = self.final_layer(x, c)  # [B, T, p*p*C]
-    return self.unpatchify(x).astype(jnp.float32)
+      if project and i + 1 == self.projector_depth:
+        projected = self.projectors[0](x).astype(jnp.float32)
+    velocity = self.unpatchify(self.final_layer(x, c)).astype(jnp.float32)
+    return (velocity, projected) if project else velocity
 
 
 # ------------------------------------------------------------------------------------------------

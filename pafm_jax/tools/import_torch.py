@@ -102,9 +102,6 @@ def import_checkpoint(config: ml_collections.ConfigDict, src: str, workdir: str,
   if config.model.name not in sit.SIT_SIZES:
     raise ValueError(f'unknown model {config.model.name!r}; config.model.name must be one of '
                      f'{sorted(sit.SIT_SIZES)}.')
-  if config.model.get('projector', False):
-    raise ValueError('config.model.projector=True, but pafm_jax has no VA-REPA projector head '
-                     'to hold the projector weights yet; set it to False (they are dropped).')
   if step < 0:
     raise ValueError(f'--step must be ≥ 0, got {step}.')
   if source != 'auto' and source not in convert.SOURCES:
