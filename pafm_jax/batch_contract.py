@@ -12,6 +12,7 @@ Shapes are written with symbols, resolved from the config by `dims`:
   L  caption tokens per row (config.data.max_tokens)
   E  text-encoder width (config.data.text_width)
   N  patch features of the REPA encoder per image   F  their width (config.model.projector_*)
+  P  the pixel shape behind latents (config.data.pixel_size, pixel_size, pixel_channels)
 
 Dtypes are those the step sees; the host may hand wider integers (dataset ids are int64 in
 the pipeline), which the assembly into global arrays casts.
@@ -33,6 +34,7 @@ NEIGHBOUR_TEXT = 'neighbour_text'  # the retrieval stage on captioned data: neig
 IMAGE_TEXT = 'image_text'  # a captioned source with LiT image embeddings (config.data.lit_dir)
 NEIGHBOUR_IMAGE_TEXT = 'neighbour_image_text'  # the retrieval stage: the neighbours' too
 ALIGNMENT = 'alignment'  # the frozen REPA encoder, inside the step (repa.py)
+LATENT_PIXELS = 'latent_pixels'  # a latent dataset's stored pixels, for REPA's encoder
 
 IMAGE, LABEL, ID = 'image', 'label', 'id'
 T, EPS = 't', 'eps'
@@ -42,6 +44,7 @@ COND_EMBEDDING, NEIGHBOUR_COND_EMBEDDING = 'cond_embedding', 'neighbour_cond_emb
 TEXT_TOKENS, TEXT_MASK = 'text_tokens', 'text_mask'
 IMAGE_EMBEDDING, NEIGHBOUR_IMAGE_EMBEDDING = 'image_embedding', 'neighbour_image_embedding'
 REPA_FEATURES = 'repa_features'
+LATENT_STD, PIXELS = 'latent_std', 'pixels'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,13 +80,15 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
           'embedding of the image, in the caption vectors\' space'),
     Field(NEIGHBOUR_IMAGE_EMBEDDING, ('B', 'k', 'E'), 'float32', NEIGHBOUR_IMAGE_TEXT,
           "the retrieved items' image embeddings"),
+    Field(PIXELS, ('B', 'P'), 'float32', LATENT_PIXELS, 'the images behind the latents in '
+          "[−1, 1], stored with a latent dataset: REPA's frozen encoder reads them"),
     Field(REPA_FEATURES, ('B', 'N', 'F'), 'float32', ALIGNMENT, "the frozen encoder's patch "
           'features of the clean images the loss is computed on (after StableVM draws them)'),
 )}
 
 # Producers that run in the data pipeline (their fields cross the host → device boundary).
 PIPELINE_PRODUCERS = (DATA, TEXT, IMAGE_TEXT, RETRIEVAL, NEIGHBOUR_TEXT, NEIGHBOUR_IMAGE_TEXT,
-                      NOISE)
+                      NOISE, LATENT_PIXELS)
 
 
 def pipeline_draws_noise(config) -> bool:
@@ -111,6 +116,8 @@ def active_producers(config) -> tuple[str, ...]:
   if config.objective.name == 'stablevm':
     active.append(BANK)
   if config.objective.repa.weight > 0:
+    if config.data.name == 'latents':
+      active.insert(1, LATENT_PIXELS)
     active.append(ALIGNMENT)
   return tuple(active)
 
@@ -137,7 +144,8 @@ def dims(config) -> dict[str, tuple[int, ...]]:
           'M': (config.objective.stablevm.bank_capacity,),
           'S': (s, s, config.data.channels),
           'L': (config.data.get('max_tokens', 32),), 'E': (config.data.get('text_width', 384),),
-          'F': (config.model.projector_features,)}
+          'F': (config.model.projector_features,),
+          'P': (config.data.pixel_size, config.data.pixel_size, config.data.pixel_channels)}
 
 
 def global_shape(field: Field, config) -> tuple[int, ...]:

@@ -112,6 +112,14 @@ def check_config(config) -> None:
   if config.objective.name == 'flow_map':
     raise ValueError('representation alignment trains velocity models (FM, PAFM, StableVM); '
                      'set config.objective.repa.weight=0 for a flow map.')
+  if config.data.name == 'latents' and not config.data.pixel_size:
+    raise ValueError('REPA on latents aligns to features of the images behind them: write the '
+                     'latent dataset with --store_pixels and set config.data.pixel_source, '
+                     'pixel_size and pixel_channels.')
+  if config.data.name == 'latents' and config.objective.name == 'stablevm':
+    raise ValueError("StableVM's memory bank keeps latents, not the pixels REPA's encoder needs "
+                     'for its drawn pairs: use FM or PAFM with REPA on latents, or StableVM '
+                     'without it.')
   if r.encoder == 'dinov2' and not r.encoder_path:
     raise ValueError("config.objective.repa.encoder='dinov2' reads DINOv2 weights from a local "
                      'directory (config.json + model.safetensors of transformers\' Dinov2Model, '
@@ -154,11 +162,28 @@ def encoder_output_shape(config) -> tuple[int, int]:
   r = config.objective.repa
   if r.encoder == 'classifier':
     from pafm_jax.evaluation import classifier  # pylint: disable=g-import-not-at-top
-    arch = classifier.architecture(config.data)
+    arch = classifier.architecture(_pixel_config(config).data)
     side = arch['image_size'] // 4
     return side * side, arch['widths'][1]
   from pafm_jax.models import dinov2  # pylint: disable=g-import-not-at-top
   return dinov2.output_shape(r.encoder_path, r.encoder_resolution)
+
+
+def _pixel_config(config):
+  """The config whose data is the images the encoder sees (the pixels behind latents)."""
+  from pafm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  if not pipeline.is_latent(config.data):
+    return config
+  out = config.copy_and_resolve_references()
+  out.data = pipeline.pixel_data_config(config.data)
+  return out
+
+
+def encoder_input_field(config) -> str:
+  """The batch field the frozen encoder reads: the clean images, or for latent data the
+  pixels stored with them."""
+  from pafm_jax import batch_contract  # pylint: disable=g-import-not-at-top
+  return (batch_contract.PIXELS if config.data.name == 'latents' else batch_contract.IMAGE)
 
 
 def frozen_encoder(config) -> FrozenEncoder:
@@ -176,6 +201,7 @@ def _classifier_encoder(config) -> FrozenEncoder:
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from pafm_jax.evaluation import classifier  # pylint: disable=g-import-not-at-top
 
+  config = _pixel_config(config)
   arch = classifier.architecture(config.data)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: classifier.build(arch)), nnx.Param)
 

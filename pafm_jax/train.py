@@ -31,7 +31,7 @@ from pafm_jax.evaluation import runner
 from pafm_jax.models import network
 from pafm_jax.retrieval import stage as retrieval_stage
 from pafm_jax.sampling import generate as generate_lib
-from pafm_jax.sampling import grids, guidance
+from pafm_jax.sampling import decoding, grids, guidance
 
 NUM_T_BUCKETS = 5
 BUCKETED_DIAGNOSTICS = ('ess', 'target_shift')
@@ -58,6 +58,7 @@ def make_train_step(config: ml_collections.ConfigDict, net: network.Network,
       noise_from_batch=batch_contract.pipeline_draws_noise(config) and prepare is None)
   alignment = objectives.make_alignment(config, net.apply_with_projection)
   encode = repa.frozen_encoder(config).apply if alignment is not None else None
+  encoder_input = repa.encoder_input_field(config)
   if objective.flow_map is None:
     loss_fn = functools.partial(objectives.velocity_loss, net.apply, alignment=alignment,
                                 **common)
@@ -89,7 +90,7 @@ def make_train_step(config: ml_collections.ConfigDict, net: network.Network,
       # The clean images the loss sees (StableVM's drawn pairs, not the data batch).
       new_state['repa_encoder'] = state['repa_encoder']
       batch = {**batch, batch_contract.REPA_FEATURES: jax.lax.stop_gradient(
-          encode(state['repa_encoder'], batch[batch_contract.IMAGE]))}
+          encode(state['repa_encoder'], batch[encoder_input]))}
     (_, aux), grads = jax.value_and_grad(
         lambda p: loss_of(p, batch, rng, state), has_aux=True)(state['params'])
     if inject_nonfinite:
@@ -246,6 +247,7 @@ class PeriodicActions:
   preemption: fault_tolerance.PreemptionNotice | None = None
   nonfinite: fault_tolerance.NonFiniteSteps | None = None
   watchdog: fault_tolerance.Watchdog | None = None  # set by run_loop
+  decode: Callable | None = None  # a latent model's samples → pixels for the grid
   history: list = dataclasses.field(default_factory=list)
   last: dict = dataclasses.field(default_factory=dict)
   # Host time blocked on the data pipeline, as a share of the interval's wall time.
@@ -281,6 +283,8 @@ class PeriodicActions:
     if step % config.sample_every_steps == 0 or is_last:
       rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0x5A3), step)
       images, _ = self.generate(params, rng, self.grid_conditions)
+      if self.decode is not None:
+        images = self.decode(images)
       path = grids.write_sample_grid(images, config.sample.per_class, self.workdir, step,
                                      self.writer)
       logging.info('step %d: sample grid %s', step, path)
@@ -409,7 +413,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     grid_y, _ = generate_lib.grid_conditions(config, setup.net.family)
     actions = PeriodicActions(config, workdir, setup, manager, writer, data_iter, inputs,
                               generate, evaluator, grid_y, preemption,
-                              fault_tolerance.NonFiniteSteps(config.fault.nonfinite))
+                              fault_tolerance.NonFiniteSteps(config.fault.nonfinite),
+                              decode=decoding.latent_decoder(config))
     if int(jax.device_get(state['step'])) == 0:
       writer.write_hparams(flatten_config(config))
     state = run_loop(setup, state, data_iter, actions)

@@ -78,7 +78,8 @@ def _config_fields_read(source: str):
 def test_every_config_field_the_code_reads_is_declared_in_base():
   """So every field can be set from the command line (--config.a.b=...)."""
   declared = base.get_config()
-  methods = {'get', 'to_dict', 'to_json_best_effort', 'lock', 'unlock', 'items', 'keys'}
+  methods = {'get', 'to_dict', 'to_json_best_effort', 'lock', 'unlock', 'items', 'keys',
+             'copy_and_resolve_references'}
   missing = set()
   for path in (REPO / 'pafm_jax').rglob('*.py'):
     if path.name == 'index.py':  # its `config` is ScaNN's protobuf, not ours

@@ -82,3 +82,22 @@ def test_eval_mode_writes_eval_json_and_caches_reference(tiny_run, capsys):
   np.testing.assert_allclose(ref['mu'], ref['features'].astype(np.float64).mean(0), rtol=1e-5,
                              atol=1e-6)
   del mu
+
+
+def test_data_limited_runs_report_fd_to_their_training_subset(tiny_run):
+  """With a class-balanced training subset the evaluator also scores against the subset's own
+  images: the subset itself is at distance 0 from them and not from the test split."""
+  from pafm_jax import sharding
+  from pafm_jax.models import network
+  import jax
+  config, _, _ = tiny_run
+  sub = config.copy_and_resolve_references()
+  sub.data.subset_per_class = 20
+  sub.eval.memorization = False
+  mesh = sharding.create_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
+  evaluator = runner.Evaluator(sub, network.build_network(sub), mesh)
+  seen, labels = classifier.load_split(sub.data, 'train')
+  assert len(seen) == 200 and np.all(np.bincount(labels) == 20)
+  metrics = runner.compute_metrics(sub, seen, labels, evaluator.extractor, evaluator.reference,
+                                   None, train_reference=evaluator.train_reference)
+  assert abs(metrics['fd_train']) < 1e-3 < metrics['fd']

@@ -161,6 +161,24 @@ def test_finished_runs_are_skipped_and_aggregated_like_numpy(tmp_path, monkeypat
               methods, str(tmp_path), log=lines.append, score=_refuse)
 
 
+def test_steps_to_reach_an_fd_by_linear_interpolation():
+  steps, fds = [500, 1000, 1500, 2000], [40.0, 20.0, 12.0, 10.0]
+  assert exp.steps_to_fd(steps, fds, 30.0) == 750.0          # halfway from 40 to 20
+  assert exp.steps_to_fd(steps, fds, 12.0) == 1500.0         # exactly at a checkpoint
+  assert exp.steps_to_fd(steps, fds, 11.0) == 1750.0
+  assert exp.steps_to_fd(steps, fds, 50.0) == 500.0          # already there at the first
+  assert exp.steps_to_fd(steps, fds, 9.0) is None            # never
+  runs = [{'method': m, 'seed': s, 'metrics': {str(k): {'fd': f + off} for k, f in
+                                                zip(steps, fds)}}
+          for m, off in (('fm', 0.0), ('pafm', -4.0)) for s in (0, 1)]
+  runs[3]["metrics"]["1000"]["fd"] = 14.0
+  c = exp.convergence(runs, 12.0)
+  assert c['fm']['mean'] == 1500.0 and c['fm']['reached'] == 2
+  # pafm seed 0: 36, 16, 8 → crosses 12 at 1000 + (16 − 12)/(16 − 8)·500 = 1250;
+  # seed 1: 36, 14, 8 → 1000 + (14 − 12)/(14 − 8)·500.
+  np.testing.assert_allclose(c['pafm']['mean'], np.mean([1250.0, 1000 + 2 / 6 * 500]))
+
+
 def test_interrupted_evaluation_resumes_at_the_missing_checkpoints(tmp_path, monkeypatch):
   budget = exp.resolve_budget(False, steps=30, eval_every=10, seeds=(7,))
   config = exp.run_config(fmnist_sit.get_config(), 'fm', 7, budget)

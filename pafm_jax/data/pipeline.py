@@ -51,6 +51,7 @@ checkpoint must be resumed with the same ``data.worker_count``.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -73,6 +74,10 @@ DEFAULT_MAX_TOKENS = 32
 # use, or a directory a user packed (config.data.captioned_dir).
 CAPTIONED = "captioned"
 CAPTIONED_NAMES = fields.CAPTIONED_DATASETS
+# Latent datasets (data/latents.py): the encoder's moments, a fresh latent drawn per epoch.
+LATENTS = "latents"
+# Stream of the latent draws ε (mixed with the data seed, the batch index and the row).
+LATENT_DRAW_STREAM = 0x1A7E
 
 __all__ = [
   "DEFAULT_TFDS_DIR",
@@ -158,6 +163,10 @@ def validate_data_config(
   for field in ("image_size", "channels", "num_classes"):
     if _get(data_config, field) is not None:
       _check_int(f"config.data.{field}", _get(data_config, field), 1)
+  if name == LATENTS and not _get(data_config, "latents_dir", ""):
+    raise ValueError(
+      "config.data.name='latents' reads a latent dataset: set config.data.latents_dir to the "
+      "directory `python -m pafm_jax.tools.encode_latents` wrote.")
   if name in (FASHION_MNIST, captioned.FASHION_MNIST_CAPTIONS):
     expected = {"image_size": 28, "channels": 1, "num_classes": 10}
     for field, want in expected.items():
@@ -335,6 +344,8 @@ def _load_whole_source(data_config: Any, split: str) -> Sequence[dict[str, Any]]
 
     idx_dir = _get(data_config, "idx_dir") or fashion_mnist.DEFAULT_IDX_DIR
     return fashion_mnist.load_source(tfds_dir, idx_dir, split)
+  if name == LATENTS:
+    return _latent_source(data_config, split)
   if name in CAPTIONED_NAMES:
     lit_dir = _get(data_config, "lit_dir", "")
     embeddings = ""
@@ -365,6 +376,75 @@ def _load_whole_source(data_config: Any, split: str) -> Sequence[dict[str, Any]]
       "(config.data.tfds_dir); prepare it there as array_record first."
     )
   return builder.as_data_source(split=split)
+
+
+def _latent_source(data_config: Any, split: str):
+  from pafm_jax.data import latents  # pylint: disable=g-import-not-at-top
+
+  root = _get(data_config, "latents_dir", "")
+  if not root:
+    raise ValueError(
+      "config.data.name='latents' reads a latent dataset: set config.data.latents_dir to the "
+      "directory `python -m pafm_jax.tools.encode_latents` wrote.")
+  source = latents.LatentSource(os.path.expanduser(root), split)
+  h, w, c = source.metadata["latent_shape"]
+  want = (_get(data_config, "image_size"), _get(data_config, "image_size"),
+          _get(data_config, "channels"))
+  if (h, w, c) != want or source.metadata["num_classes"] != _get(data_config, "num_classes"):
+    raise ValueError(
+      f"the latents under {root} are {h}×{w}×{c} with {source.metadata['num_classes']} "
+      f"classes, but config.data says {want[0]}×{want[1]}×{want[2]} with "
+      f"{_get(data_config, 'num_classes')}; set config.data.image_size, channels and "
+      "num_classes to match.")
+  return source
+
+
+def is_latent(data_config: Any) -> bool:
+  """Whether config.data reads a latent dataset (data/latents.py)."""
+  return _get(data_config, "name") == LATENTS
+
+
+def latent_scale(data_config: Any) -> float:
+  """The factor latents are multiplied by (the dataset's scaling factor): training, retrieval
+  and the decoder all see scale·latent."""
+  return float(latent_metadata(data_config)["scaling_factor"])
+
+
+def latent_metadata(data_config: Any) -> dict:
+  """latents.json of the latent dataset config.data reads."""
+  latent, _ = _latent_view(load_source(data_config))
+  if latent is None:
+    raise ValueError(f"config.data.name={_get(data_config, 'name')!r} is not a latent dataset.")
+  return latent.metadata
+
+
+def pixel_data_config(data_config: Any) -> Any:
+  """config.data of the images behind latents (name pixel_source, pixel_size, pixel_channels):
+  what the domain classifier, reference statistics and memorisation read; config.data
+  itself for pixel datasets."""
+  if not is_latent(data_config):
+    return data_config
+  if not _get(data_config, "pixel_source", ""):
+    raise ValueError(
+      "evaluating a latent model in pixel space needs the images' dataset: set "
+      "config.data.pixel_source (e.g. 'fashion_mnist'), pixel_size and pixel_channels.")
+  pixels = data_config.copy_and_resolve_references()
+  pixels.name = data_config.pixel_source
+  pixels.image_size = data_config.pixel_size
+  pixels.channels = data_config.pixel_channels
+  return pixels
+
+
+def _latent_view(source) -> tuple[Any, np.ndarray | None]:
+  """(the LatentSource under `source`, the subset's positions or None), or (None, None)."""
+  # No LatentSource exists before its module is imported: pixel pipelines never import it.
+  latents = sys.modules.get("pafm_jax.data.latents")
+  if latents is None:
+    return None, None
+  if isinstance(source, ClassBalancedSubset):
+    inner, positions = _latent_view(source.source)[0], source.positions
+    return inner, (positions if inner is not None else None)
+  return (source, None) if isinstance(source, latents.LatentSource) else (None, None)
 
 
 def load_arrays(data_config: Any, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -399,6 +479,9 @@ def class_sizes(data_config: Any, split: str | None = None) -> np.ndarray:
     return fashion_mnist.class_sizes(split, builder=fashion_mnist.prepare(tfds_dir, idx_dir))
   if name in CAPTIONED_NAMES:
     return np.asarray(load_source(data_config, split).metadata["class_sizes"], np.int64)
+  if name == LATENTS:
+    return np.asarray(load_source(data_config, split).metadata["splits"][split]["class_sizes"],
+                      np.int64)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   meta = tfds.builder(name, data_dir=tfds_dir).info.metadata or {}
@@ -437,6 +520,9 @@ class _ReadBatch:
 
   def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     indices = np.asarray(indices, dtype=np.int64)
+    latent, positions = _latent_view(self._source)
+    if latent is not None:
+      return self._read_latents(latent, indices, positions)
     if hasattr(self._source, "read_batch"):  # a captioned source: text fields too
       batch = self._source.read_batch(indices, self._max_tokens or DEFAULT_MAX_TOKENS,
                                       self._text_tokens)
@@ -451,6 +537,18 @@ class _ReadBatch:
     # retrieval index stores positions, and duplicate removal compares the two.
     return {fields.IMAGE: images, fields.LABEL: labels, fields.ID: indices}
 
+  def _read_latents(self, source, indices: np.ndarray, positions) -> dict[str, np.ndarray]:
+    """The scaled mean as 'image' (what retrieval indexes and candidates are), the scaled
+    std for the per-epoch draw (LatentDraw), and the stored pixels in [−1, 1] if any."""
+    rows = source.read_batch(indices if positions is None else positions[indices])
+    scale = np.float32(source.metadata["scaling_factor"])
+    batch = {fields.IMAGE: self._scaled(rows["mean"] * scale),
+             fields.LATENT_STD: rows["std"].astype(np.float32) * scale,
+             fields.LABEL: rows["label"].astype(np.int32), fields.ID: indices}
+    if "pixels" in rows:
+      batch[fields.PIXELS] = rows["pixels"].astype(np.float32) * np.float32(1 / 127.5) - 1.0
+    return batch
+
   def _scaled(self, images: np.ndarray) -> np.ndarray:
     if self._image_shape is not None and images.shape[1:] != self._image_shape:
       raise ValueError(
@@ -460,6 +558,25 @@ class _ReadBatch:
     if images.dtype == np.uint8:
       return images.astype(np.float32) * np.float32(1.0 / 127.5) - np.float32(1.0)
     return images.astype(np.float32)  # e.g. pre-scaled float latents.
+
+
+class LatentDraw(grain.transforms.MapWithIndex):
+  """'image' ← 'image' + 'latent_std'·ε: a fresh latent per example and epoch, as the anchors
+  train (METHOD.md §7). ε is a pure function of (seed, global batch index, global row), so
+  the draw resumes with the iterator and does not depend on how many processes share a batch.
+  """
+
+  def __init__(self, seed: int, first_row: int):
+    self._seed, self._first_row = int(seed), int(first_row)
+
+  def map_with_index(self, index: int, batch: dict) -> dict:
+    batch = dict(batch)
+    std = batch.pop(fields.LATENT_STD)
+    eps = np.stack([np.random.default_rng(
+        [self._seed, LATENT_DRAW_STREAM, int(index), self._first_row + r]).standard_normal(
+            std.shape[1:], np.float32) for r in range(len(std))])
+    batch[fields.IMAGE] = batch[fields.IMAGE] + std * eps
+    return batch
 
 
 def batch_reader(source, image_shape: tuple[int, int, int] | None,
@@ -603,6 +720,8 @@ def create_train_iterator(
     seed=seed,
   )
   ds = index_ds.map(_ReadBatch(source, _image_shape(data_config), _max_tokens(data_config)))
+  if is_latent(data_config):
+    ds = ds.map_with_index(LatentDraw(seed, process_index * local_batch_size))
   if extra_stage is not None:
     ds = ds.map_with_index(extra_stage(source, process_index * local_batch_size))
   ds = ds.to_iter_dataset(_read_options(data_config))

@@ -9,6 +9,8 @@ draws config.eval.num_samples class-balanced samples and returns the metrics:
                      Inception-v3 pool features, i.e. FID) against the reference split
   fd_noise_std       with config.eval.fd_bootstrap > 0: FD's bootstrap std over resampled
                      sample sets, the floor below which an FD difference is sampling noise
+  fd_train           with a training subset (config.data.subset_per_class): FD against the
+                     subset's images, the data-limited regime's sign of reproduction
   accuracy           the domain classifier's accuracy on the samples' own labels
   precision, recall  k-NN manifolds in the same features (Kynkäänniemi et al. 2019)
   memorized_fraction share of samples whose nearest/second-nearest training-image distance
@@ -36,6 +38,7 @@ from pafm_jax.data import pipeline
 from pafm_jax.evaluation import classifier as classifier_lib
 from pafm_jax.evaluation import frechet, manifold, memorization, statistics
 from pafm_jax.models import network
+from pafm_jax.sampling import decoding
 from pafm_jax.sampling import generate as generate_lib
 from pafm_jax.sampling import grids
 
@@ -188,14 +191,19 @@ def caption_classes(config: ml_collections.ConfigDict, captions, labels: np.ndar
 def compute_metrics(config: ml_collections.ConfigDict, images: np.ndarray, labels: np.ndarray,
                     extractor: FeatureExtractor, reference: Reference,
                     train_images: np.ndarray | None, towers=None,
-                    caption_vectors: np.ndarray | None = None) -> dict[str, float]:
+                    caption_vectors: np.ndarray | None = None,
+                    train_reference: Reference | None = None) -> dict[str, float]:
   """The metrics of generated images [N, H, W, C] with their labels [N] (module docstring);
-  memorisation only when `train_images` [M, H, W, C] are given; for text samples with LiT
+  memorisation only when `train_images` [M, H, W, C] are given; 'fd_train' (FD against the
+  training images a data-limited run saw) with `train_reference`; for text samples with LiT
   `towers`, the mean cosine of each sample's image embedding and its caption's vector
   (`caption_vectors` [N, E]) and the same for real test pairs."""
   feats, logits = extractor(images)
   mu, sigma = frechet.gaussian_statistics(feats)
   metrics = {'fd': frechet.frechet_distance(mu, sigma, reference.mu, reference.sigma)}
+  if train_reference is not None:
+    metrics['fd_train'] = frechet.frechet_distance(mu, sigma, train_reference.mu,
+                                                   train_reference.sigma)
   if config.eval.fd_bootstrap:
     metrics['fd_noise_std'] = statistics.fd_noise_floor(
         feats, reference.mu, reference.sigma, num_resamples=config.eval.fd_bootstrap)['std']
@@ -219,12 +227,24 @@ class Evaluator:
 
   def __init__(self, config: ml_collections.ConfigDict, net: network.Network, mesh):
     self.config = config
-    self.extractor = create_feature_extractor(config)
-    self.reference = reference_statistics(config, self.extractor)
+    # A latent model is scored in pixel space: its samples are decoded, and the classifier,
+    # reference statistics and training images are those of the images behind the latents.
+    self.decode = decoding.latent_decoder(config, required=True)
+    scored = pixel_space_config(config)
+    self.extractor = create_feature_extractor(scored)
+    self.reference = reference_statistics(scored, self.extractor)
     self.train_images = None
     if config.eval.memorization:
       self.train_images, _ = classifier_lib.load_split(
-          config.data, config.data.split, config.eval.memorization_max_train or None)
+          scored.data, scored.data.split, config.eval.memorization_max_train or None)
+    self.train_reference = None
+    if scored.data.subset_per_class:
+      # The data-limited regime: also the distance to the very images the model saw, which a
+      # model that reproduces them brings below the distance to the test split.
+      seen, _ = classifier_lib.load_split(scored.data, scored.data.split)
+      feats, _ = self.extractor(seen)
+      self.train_reference = Reference(*frechet.gaussian_statistics(feats), None,
+                                       f'training subset ({len(seen)} images)')
     self.options = sampling.SamplerOptions.from_config(config.sample)
     self.generate = make_generator(config, net, mesh, self.options)
     self.towers = None
@@ -238,14 +258,27 @@ class Evaluator:
     num = num_samples or self.config.eval.num_samples
     t0 = time.time()
     images, labels, nfe, y = self.generate(params, rng, num, with_condition=True)
+    if self.decode is not None:
+      images = self.decode(images)
     t1 = time.time()
     metrics = compute_metrics(self.config, images, labels, self.extractor, self.reference,
                               self.train_images, self.towers,
-                              y['pooled'] if isinstance(y, dict) else None)
+                              y['pooled'] if isinstance(y, dict) else None,
+                              self.train_reference)
     metrics['nfe'] = nfe
     seconds = {'sampling': round(t1 - t0, 1), 'metrics': round(time.time() - t1, 1)}
     logging.info('evaluation of %d samples: %s (%s)', num, metrics, seconds)
     return {'metrics': metrics, 'images': images, 'labels': labels, 'seconds': seconds}
+
+
+def pixel_space_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config with config.data the images behind latents (pipeline.pixel_data_config); config
+  itself for pixel data."""
+  if not pipeline.is_latent(config.data):
+    return config
+  scored = config.copy_and_resolve_references()
+  scored.data = pipeline.pixel_data_config(config.data)
+  return scored
 
 
 # ------------------------------------------------------------------------------ modes
@@ -281,6 +314,10 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
   num = max(config.sample.num_samples, rows * config.sample.per_class)
   images, labels, nfe = make_generator(config, net, mesh, options)(
       params, jax.random.fold_in(jax.random.key(config.seed), 0x5A3E), num)
+  latents = None
+  decode = decoding.latent_decoder(config)
+  if decode is not None:   # samples as pixels; the latents kept beside them
+    latents, images = images, decode(images)
   # The grid takes the first `per_class` samples of each of the first `rows` classes.
   grid_idx = np.concatenate([np.flatnonzero(labels == c)[:config.sample.per_class]
                              for c in range(rows)])
@@ -291,7 +328,8 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
     out.mkdir(parents=True, exist_ok=True)
     grids.save_grid_png(grids.image_grid(images[grid_idx], config.sample.per_class), png)
     with npz.open('wb') as f:
-      np.savez(f, samples=images, labels=labels)
+      np.savez(f, samples=images, labels=labels,
+               **({'latents': latents} if latents is not None else {}))
   logging.info('wrote %s and %s (%d samples, %.1f NFE each)', png, npz, num, nfe)
   return {'grid': str(png), 'npz': str(npz)}
 
@@ -320,6 +358,7 @@ def format_table(result: dict[str, Any]) -> str:
           ('sampler', result['sampler_tag']),
           ('features', f'{result["features"]["kind"]} ({result["features"]["fingerprint"]})')]
   names = {'fd': 'Fréchet distance', 'fd_noise_std': 'FD sampling noise (bootstrap sd)',
+           'fd_train': 'Fréchet distance to the training subset',
            'accuracy': 'conditional accuracy',
            'precision': 'precision (k-NN)', 'recall': 'recall (k-NN)',
            'memorized_fraction': 'memorised (NN ratio < 1/3)',
@@ -365,6 +404,7 @@ def run_train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dic
   """--mode=train_classifier: trains the domain classifier into config.eval.classifier_dir
   (default: the shared cache, so every run of the dataset uses the same one)."""
   del workdir  # the classifier belongs to the dataset, not to a run
+  config = pixel_space_config(config)   # a latent model's classifier sees the pixels
   info = classifier_lib.train(config)
   print(f'domain classifier: test accuracy {info["test_accuracy"]:.4f}, fingerprint '
         f'{info["fingerprint"]}, saved to {classifier_lib.default_directory(config)}',
