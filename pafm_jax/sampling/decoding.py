@@ -19,6 +19,7 @@ import numpy as np
 from pafm_jax.data import pipeline
 
 AUTOENCODER_INFO = 'autoencoder.json'
+DECODE_PER_DEVICE = 32
 
 
 def decoder_path(config: ml_collections.ConfigDict) -> str:
@@ -56,10 +57,14 @@ def latent_decoder(config: ml_collections.ConfigDict,
   model = load_autoencoder(path)
   scale = pipeline.latent_scale(config.data)
 
+  # Bounded memory for 50 K-sample evaluations: SD's decoder at 256 px holds ~0.3 GB of
+  # float32 activations per image, so a few dozen per device at a time.
+  chunk_size = DECODE_PER_DEVICE * jax.device_count()
+
   def decode(latents: np.ndarray) -> np.ndarray:
     out = []
-    for i in range(0, len(latents), 500):   # bounded memory for 50 K-sample evaluations
-      chunk = np.asarray(latents[i:i + 500], np.float32) / np.float32(scale)
+    for i in range(0, len(latents), chunk_size):
+      chunk = np.asarray(latents[i:i + chunk_size], np.float32) / np.float32(scale)
       out.append(np.clip(np.asarray(jax.device_get(model.decode(chunk)), np.float32), -1, 1))
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
