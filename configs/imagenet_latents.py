@@ -5,9 +5,10 @@ SD-VAE moments written once by the encoding tool (README "ImageNet-256 latents")
 
   python -m pafm_jax.tools.encode_latents --encoder=/path/to/sd-vae-ft-ema \
       --image_folder=train=/data/imagenet/train --image_size=256 --flip --store_pixels \
-      --num_shards=1024 --out=gs://BUCKET/imagenet256_latents
+      --num_shards=1024 --out=/data/imagenet256_latents
 
-and pointed at with --config.data.latents_dir=gs://BUCKET/imagenet256_latents; samples are
+(a local or gcsfuse-mounted path on every host) and pointed at with
+--config.data.latents_dir=/data/imagenet256_latents; samples are
 decoded through the same VAE (config.data.decoder, default the one the dataset records).
 """
 

@@ -379,7 +379,7 @@ def test_registry():
   for size, (d, h, nh) in {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16),
                            'XL': (28, 1152, 16), 'T': (4, 128, 4), 'XS': (6, 256, 4),
                            'P': (2, 8, 2)}.items():
-    for p in (2, 4, 8):
+    for p in (1, 2, 4, 8):
       assert SIT_SIZES[f'SiT-{size}/{p}'] == dict(depth=d, hidden_size=h, num_heads=nh,
                                                    patch_size=p)
   with pytest.raises(ValueError, match='SiT-XL/2'):

@@ -404,10 +404,12 @@ def is_latent(data_config: Any) -> bool:
   return _get(data_config, "name") == LATENTS
 
 
-def latent_scale(data_config: Any) -> float:
-  """The factor latents are multiplied by (the dataset's scaling factor): training, retrieval
-  and the decoder all see scale·latent."""
-  return float(latent_metadata(data_config)["scaling_factor"])
+def latent_scale(data_config: Any) -> tuple[float, float]:
+  """(scale, shift) of the dataset: training, retrieval and the decoder all see
+  scale·(latent − shift)."""
+  meta = latent_metadata(data_config)
+  return (float(meta["scaling_factor"]),
+          float(meta.get("encoder", {}).get("shift_factor", 0.0) or 0.0))
 
 
 def latent_metadata(data_config: Any) -> dict:
@@ -542,7 +544,9 @@ class _ReadBatch:
     std for the per-epoch draw (LatentDraw), and the stored pixels in [−1, 1] if any."""
     rows = source.read_batch(indices if positions is None else positions[indices])
     scale = np.float32(source.metadata["scaling_factor"])
-    batch = {fields.IMAGE: self._scaled(rows["mean"] * scale),
+    # SD3/FLUX-style VAEs centre their latents: scale·(z − shift); SD's shift is 0.
+    shift = np.float32(source.metadata.get("encoder", {}).get("shift_factor", 0.0) or 0.0)
+    batch = {fields.IMAGE: self._scaled((rows["mean"] - shift) * scale),
              fields.LATENT_STD: rows["std"].astype(np.float32) * scale,
              fields.LABEL: rows["label"].astype(np.int32), fields.ID: indices}
     if "pixels" in rows:

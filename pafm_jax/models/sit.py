@@ -436,10 +436,11 @@ _SIZE_SHAPES = {
     'XL': (28, 1152, 16),
 }
 
+# Patch 1 is for small latents (Fashion-MNIST's 7×7×4 autoencoder latents: 49 tokens).
 SIT_SIZES: dict[str, dict[str, int]] = {
     f'SiT-{size}/{patch}': dict(depth=d, hidden_size=hd, num_heads=nh, patch_size=patch)
     for size, (d, hd, nh) in _SIZE_SHAPES.items()
-    for patch in (2, 4, 8)
+    for patch in (1, 2, 4, 8)
 }
 
 

@@ -3,7 +3,8 @@
 The decoder is the autoencoder the latent dataset was written with (recorded in its
 latents.json) or config.data.decoder: a diffusers AutoencoderKL directory (models/vae.py) or
 a pafm_jax autoencoder directory (models/autoencoder.py, holding autoencoder.json). Samples
-are scaled latents (times the dataset's scaling factor), so the decoder sees latents / scale.
+are scaled latents scale·(z − shift) (the dataset's scaling and shift factors; SD's shift is 0),
+so the decoder sees latents / scale + shift.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def latent_decoder(config: ml_collections.ConfigDict,
     logging.warning('%s Sample grids show the first three latent channels.', message)
     return None
   model = load_autoencoder(path)
-  scale = pipeline.latent_scale(config.data)
+  scale, shift = pipeline.latent_scale(config.data)
 
   # Bounded memory for 50 K-sample evaluations: SD's decoder at 256 px holds ~0.3 GB of
   # float32 activations per image, so a few dozen per device at a time.
@@ -64,9 +65,9 @@ def latent_decoder(config: ml_collections.ConfigDict,
   def decode(latents: np.ndarray) -> np.ndarray:
     out = []
     for i in range(0, len(latents), chunk_size):
-      chunk = np.asarray(latents[i:i + chunk_size], np.float32) / np.float32(scale)
+      chunk = np.asarray(latents[i:i + chunk_size], np.float32) / np.float32(scale) + shift
       out.append(np.clip(np.asarray(jax.device_get(model.decode(chunk)), np.float32), -1, 1))
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
-  logging.info('latent decoder: %s (latents / %.5g)', path, scale)
+  logging.info('latent decoder: %s (latents / %.5g + %g)', path, scale, shift)
   return decode
