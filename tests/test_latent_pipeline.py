@@ -128,3 +128,29 @@ def test_repa_step_on_latents_reads_the_stored_pixels(latent_config, tmp_path):
 def _pixel(config):
   from pafm_jax.evaluation import runner
   return runner.pixel_space_config(config)
+
+
+def test_retrieved_own_item_is_this_epochs_draw(latent_config, tmp_path):
+  """Noisy retrieval on latents: the index holds s·mean, but a row's own item among its
+  neighbours is replaced by the drawn latent it trains on (its stored mean would sit std·ε
+  away and blow the target up at small t); every other neighbour is its s·mean."""
+  from pafm_jax.retrieval import stage
+  config = apply_overrides(latent_config.copy_and_resolve_references(), {
+      'objective.pafm.sources': 'batch+retrieved', 'objective.pafm.stratified': True,
+      'retrieval.mode': 'noisy', 'retrieval.backend': 'exact', 'retrieval.k': 4,
+      'retrieval.index_dir': str(tmp_path / 'index')})
+  factory, _ = stage.stage_factory(config, str(tmp_path))
+  it = pipeline.create_train_iterator(config.data, local_batch_size=BATCH, seed=1,
+                                      extra_stage=factory)
+  src, rows, scale = _moments(config)
+  own_seen = 0
+  for _ in range(3):
+    b = next(it)
+    for r in range(BATCH):
+      for j, n in enumerate(b['neighbour_ids'][r]):
+        if n == b['id'][r]:
+          own_seen += 1
+          np.testing.assert_array_equal(b['neighbours'][r, j], b['image'][r])
+        else:
+          np.testing.assert_array_equal(b['neighbours'][r, j], rows['mean'][n] * np.float32(scale))
+  assert own_seen > BATCH   # at small t the own item is nearly always retrieved

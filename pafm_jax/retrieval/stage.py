@@ -110,7 +110,14 @@ class NeighbourStage(grain.transforms.MapWithIndex):
     else:
       nbr = self.index().clean_neighbours(ids, self.k)
     read = self._read(nbr.reshape(-1))
-    out.update({fields.NEIGHBOURS: read[fields.IMAGE].reshape(b, self.k, *x0.shape[1:]),
+    neighbours = read[fields.IMAGE].reshape(b, self.k, *x0.shape[1:])
+    # A row's own item among its neighbours is its own endpoint: the stored item for pixel
+    # data, but for latents this epoch's draw, not the stored mean (retrieved copies take
+    # precedence over in-batch ones, and a mean std·ε away from x0 would make the target
+    # (x̄0 − x0)/t-sized at small t).
+    own = (nbr == ids[:, None]).reshape(b, self.k, *[1] * (x0.ndim - 1))
+    neighbours = np.where(own, x0[:, None], neighbours)
+    out.update({fields.NEIGHBOURS: neighbours,
                 fields.NEIGHBOUR_LABELS: read[fields.LABEL].reshape(b, self.k),
                 fields.NEIGHBOUR_IDS: nbr.astype(np.int32)})
     for own, neighbour in ((fields.COND_EMBEDDING, fields.NEIGHBOUR_COND_EMBEDDING),
