@@ -140,6 +140,25 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.grad_clip = 1.0
   c.optimizer.ema_decay = 0.9999
 
+  # The small KL autoencoder of config.data's images (models/autoencoder.py,
+  # --mode=train_autoencoder; configs/fmnist_autoencoder.py): SD's latent recipe in miniature.
+  c.autoencoder = ml_collections.ConfigDict()
+  c.autoencoder.dir = ''             # where the autoencoder is saved/loaded ('' = <workdir>)
+  c.autoencoder.latent_channels = 4  # latent channels (mean and logvar each)
+  c.autoencoder.widths = (16, 32, 64)  # one per resolution level; downsampling 2^(levels − 1)
+  c.autoencoder.blocks_per_level = 1  # residual blocks per level, in encoder and decoder
+  c.autoencoder.norm_groups = 8      # GroupNorm groups (fewer where a layer is narrower)
+  c.autoencoder.steps = 800          # Adam steps (constant learning rate)
+  c.autoencoder.batch_size = 64
+  c.autoencoder.learning_rate = 2e-3
+  c.autoencoder.kl_weight = 1e-3     # β of recon + β·KL, both means over their entries
+  c.autoencoder.recon_loss = 'l1'    # l1 | l2, in pixel space
+  c.autoencoder.seed = 0             # initialisation, batch order and posterior draws
+  c.autoencoder.log_every_steps = 100  # progress: loss, recon, KL, images/s, ETA
+  c.autoencoder.train_examples = 0   # the first N train-split images (0 = all)
+  c.autoencoder.test_examples = 0    # the first N test-split images measured (0 = all)
+  c.autoencoder.scale_examples = 10_000  # train images whose latents' std gives scaling_factor
+
   c.data = ml_collections.ConfigDict()
   c.data.name = 'fashion_mnist'
   c.data.idx_dir = '/usr/share/datasets/fashion-mnist'

@@ -5,7 +5,8 @@ checkpoint), eval (metrics of config.eval.num_samples samples → eval.json), tr
 (the domain classifier whose features the Fréchet distance uses), build_index (the ScaNN or
 exact retrieval index of config.retrieval; training builds a missing one by itself),
 train_lit (the image tower of text PAFM's image–text term and of caption alignment scores,
-pafm_jax/text/lit.py).
+pafm_jax/text/lit.py), train_autoencoder (the small KL autoencoder whose latents a latent model
+trains on, pafm_jax/models/autoencoder.py).
 """
 
 import os
@@ -22,7 +23,7 @@ config_flags.DEFINE_config_file('config', None, 'Path to a config file in config
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
 flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'train_classifier', 'build_index',
-                                    'train_lit'],
+                                    'train_lit', 'train_autoencoder'],
                   'What to do with the config and workdir.')
 flags.DEFINE_bool('distributed', False,
                   'Call jax.distributed.initialize() first (multi-host TPU pods and GPU clusters). '
@@ -92,6 +93,10 @@ def main(argv):
           f'image–caption cosine {info["test_alignment"]:.4f} on test, fingerprint '
           f'{info["fingerprint"]} → {FLAGS.workdir}/{lit.SUBDIR} (set config.data.lit_dir='
           f'{FLAGS.workdir})', flush=True)
+    return
+  if FLAGS.mode == 'train_autoencoder':
+    from pafm_jax.models import autoencoder  # pylint: disable=g-import-not-at-top
+    autoencoder.run_train_autoencoder(FLAGS.config, FLAGS.workdir)
     return
   from pafm_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
   {'sample': runner.run_sample, 'eval': runner.run_eval,

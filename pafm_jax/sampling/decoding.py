@@ -56,6 +56,13 @@ def latent_decoder(config: ml_collections.ConfigDict,
     logging.warning('%s Sample grids show the first three latent channels.', message)
     return None
   model = load_autoencoder(path)
+  recorded = pipeline.latent_metadata(config.data).get('encoder', {}).get('fingerprint')
+  ours = getattr(model, 'fingerprint', None)
+  if recorded and ours and recorded != ours:
+    # Retrained since the dataset was written: its decoder no longer inverts these latents.
+    raise ValueError(f'the autoencoder at {path} (fingerprint {ours}) is not the one the '
+                     f'latent dataset was encoded with ({recorded}); re-encode the dataset '
+                     'with it, or set config.data.decoder to the original.')
   scale, shift = pipeline.latent_scale(config.data)
 
   # Bounded memory for 50 K-sample evaluations: SD's decoder at 256 px holds ~0.3 GB of
