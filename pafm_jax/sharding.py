@@ -15,7 +15,9 @@ import math
 from typing import Any, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
 
 MESH_AXES = ('data', 'fsdp')
 # The batch dimension is split over every mesh axis: FSDP shards parameters over 'fsdp' and
@@ -153,3 +155,35 @@ def constrain(x: jax.Array, logical: LogicalAxes) -> jax.Array:
   mesh, rules = active
   spec = logical_to_spec(logical, rules, x.shape, mesh)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+class BatchMesh:
+  """Runs fn(params, x) jitted with the batch of x split over a 1-D mesh (default: every
+  device) and the parameters replicated: how the frozen networks used outside the train step
+  (VAE, autoencoder, DINOv2) run. A batch that does not divide by the mesh is padded with
+  zeros and the padding dropped from the result."""
+
+  def __init__(self, mesh: Mesh | None = None):
+    self.mesh = mesh if mesh is not None else Mesh(np.array(jax.devices()), ('batch',))
+    self.replicated = NamedSharding(self.mesh, P())
+    self.batch = NamedSharding(self.mesh, P(tuple(self.mesh.axis_names)))
+
+  def replicate(self, params: Any) -> Any:
+    return jax.device_put(params, self.replicated)
+
+  def jit(self, fn):
+    return jax.jit(fn, in_shardings=(self.replicated, self.batch), out_shardings=self.batch)
+
+  def run(self, fn, params: Any, x) -> Any:
+    """fn (from `jit`) on x [B, ...] (numpy or jax): the outputs' first B rows."""
+    b = x.shape[0]
+    pad = -b % self.mesh.size if b else self.mesh.size
+    if pad:
+      widths = [(0, pad)] + [(0, 0)] * (x.ndim - 1)
+      x = np.pad(x, widths) if isinstance(x, np.ndarray) else jnp.pad(x, widths)
+    if isinstance(x, np.ndarray):
+      x = x.astype(np.float32, copy=False)
+    # Numpy goes straight to the shards, not through one device; a jax array laid out
+    # otherwise (another jit's output) is resharded, which jit's in_shardings would refuse.
+    out = fn(params, jax.device_put(x, self.batch))
+    return jax.tree.map(lambda y: y[:b], out)

@@ -40,8 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
+from pafm_jax import sharding
 from pafm_jax.models import attention as attention_lib
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -473,27 +474,15 @@ class Dinov2Encoder:
     self.shape, self.resolution = shape, resolution
     self.num_patches = _check_resolution(shape, resolution)
     self.feature_dim = shape.hidden_size
-    self.mesh = mesh if mesh is not None else Mesh(np.array(jax.devices()), ('batch',))
+    self._batch_mesh = sharding.BatchMesh(mesh)
+    self.mesh = self._batch_mesh.mesh
     graphdef, _ = abstract_model(shape, dtype, attention)
-    replicated = NamedSharding(self.mesh, P())
-    self._batch = NamedSharding(self.mesh, P(tuple(self.mesh.axis_names)))
-    self.params = jax.device_put(params, replicated)
-    jit = lambda fn: jax.jit(fn, in_shardings=(replicated, self._batch),
-                             out_shardings=self._batch)
-    self._forward = jit(lambda p, x: nnx.merge(graphdef, p)(x))
-    self._patch_features = jit(patch_features_fn(graphdef, shape, resolution))
+    self.params = self._batch_mesh.replicate(params)
+    self._forward = self._batch_mesh.jit(lambda p, x: nnx.merge(graphdef, p)(x))
+    self._patch_features = self._batch_mesh.jit(patch_features_fn(graphdef, shape, resolution))
 
   def _run(self, fn: Callable, x) -> jax.Array:
-    b = x.shape[0]
-    pad = -b % self.mesh.size
-    if pad:
-      widths = [(0, pad)] + [(0, 0)] * (x.ndim - 1)
-      x = np.pad(x, widths) if isinstance(x, np.ndarray) else jnp.pad(x, widths)
-    if isinstance(x, np.ndarray):
-      x = x.astype(np.float32, copy=False)
-    # Numpy goes straight to the shards, not through one device; a jax array laid out
-    # otherwise (another jit's output) is resharded, which jit's in_shardings would refuse.
-    return fn(self.params, jax.device_put(x, self._batch))[:b]
+    return self._batch_mesh.run(fn, self.params, x)
 
   def forward(self, pixel_values) -> jax.Array:
     """last_hidden_state [B, 1 + R + N', D] float32 of normalised pixel_values [B, H, W, C]

@@ -46,9 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from pafm_jax import torch_io
+from pafm_jax import sharding, torch_io
 from pafm_jax.models import attention as attention_lib
 
 WEIGHTS_NAME = 'diffusion_pytorch_model.safetensors'
@@ -482,30 +482,17 @@ class VAE:
     self.shape = shape
     self.scaling_factor, self.shift_factor = shape.scaling_factor, shape.shift_factor
     self.latent_channels, self.downsample_factor = shape.latent_channels, shape.downsample_factor
-    self.mesh = mesh if mesh is not None else Mesh(np.array(jax.devices()), ('batch',))
+    self._batch_mesh = sharding.BatchMesh(mesh)
+    self.mesh = self._batch_mesh.mesh
     self.graphdef, _ = abstract_model(shape, dtype)
-    replicated = NamedSharding(self.mesh, P())
-    self._batch = NamedSharding(self.mesh, P(tuple(self.mesh.axis_names)))
-    self.params = jax.device_put(params, replicated)
-    jit = lambda fn: jax.jit(fn, in_shardings=(replicated, self._batch),
-                             out_shardings=self._batch)
-    self._encode = jit(lambda p, x: nnx.merge(self.graphdef, p).encode(x))
-    self._decode = jit(lambda p, z: nnx.merge(self.graphdef, p).decode(z))
+    self.params = self._batch_mesh.replicate(params)
+    self._encode = self._batch_mesh.jit(lambda p, x: nnx.merge(self.graphdef, p).encode(x))
+    self._decode = self._batch_mesh.jit(lambda p, z: nnx.merge(self.graphdef, p).decode(z))
 
   def _run(self, fn: Callable, x, channels: int, what: str):
     if x.ndim != 4 or x.shape[-1] != channels:
       raise ValueError(f'{what} must be NHWC [B, H, W, {channels}], got shape {x.shape}.')
-    b = x.shape[0]
-    pad = -b % self.mesh.size if b else self.mesh.size
-    if pad:
-      widths = [(0, pad)] + [(0, 0)] * 3
-      x = np.pad(x, widths) if isinstance(x, np.ndarray) else jnp.pad(x, widths)
-    if isinstance(x, np.ndarray):
-      x = x.astype(np.float32, copy=False)
-    # Numpy goes straight to the shards, not through one device; a jax array laid out
-    # otherwise (another jit's output) is resharded, which jit's in_shardings would refuse.
-    out = fn(self.params, jax.device_put(x, self._batch))
-    return jax.tree.map(lambda y: y[:b], out)
+    return self._batch_mesh.run(fn, self.params, x)
 
   def encode(self, images) -> tuple[jax.Array, jax.Array]:
     """images [B, H, W, in_channels] in [−1, 1] → (mean, logvar), each [B, ⌊H/f⌋, ⌊W/f⌋,
