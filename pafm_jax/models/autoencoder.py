@@ -38,7 +38,7 @@ import hashlib
 import json
 import math
 import time
-from typing import Any, Callable
+from typing import Any
 
 from absl import logging
 from etils import epath
@@ -51,9 +51,9 @@ from flax import nnx
 from jax.sharding import Mesh
 import orbax.checkpoint as ocp
 
-from pafm_jax import sharding
 from pafm_jax.data import pipeline
 from pafm_jax.evaluation import classifier as classifier_lib
+from pafm_jax.models import vae
 from pafm_jax.sampling import grids
 
 ARCHITECTURE_VERSION = 'kl-autoencoder-v1'
@@ -213,42 +213,21 @@ def fingerprint(arch: dict[str, Any], weights_digest: str) -> str:
 # ---------------------------------------------------------------------- using a model
 
 
-class Autoencoder:
-  """A trained autoencoder whose methods run jitted, the batch split over the devices of `mesh`
-  (parameters replicated; a batch that does not divide is padded and the padding dropped).
-  Inputs may be numpy or jax arrays; outputs are float32 jax arrays.
+class Autoencoder(vae.BatchedAutoencoder):
+  """A trained autoencoder (models/vae.py BatchedAutoencoder's batch-sharded encode/decode).
 
   Attributes: info (autoencoder.json), arch, scaling_factor, shift_factor (0: latents are only
   scaled), latent_channels, downsample_factor (f), fingerprint, mesh, graphdef, params.
   """
 
   def __init__(self, params: dict, info: dict[str, Any], *, mesh: Mesh | None = None):
-    self.info, self.arch = info, info['architecture']
+    arch = info['architecture']
+    super().__init__(abstract_model(arch)[0], params, in_channels=int(arch['channels']),
+                     latent_channels=int(arch['latent_channels']), mesh=mesh)
+    self.info, self.arch = info, arch
     self.scaling_factor, self.shift_factor = float(info['scaling_factor']), 0.0
-    self.latent_channels = int(self.arch['latent_channels'])
-    self.downsample_factor = downsample_factor(self.arch)
+    self.downsample_factor = downsample_factor(arch)
     self.fingerprint = info['fingerprint']
-    self._batch_mesh = sharding.BatchMesh(mesh)
-    self.mesh = self._batch_mesh.mesh
-    self.graphdef, _ = abstract_model(self.arch)
-    self.params = self._batch_mesh.replicate(params)
-    self._encode = self._batch_mesh.jit(lambda p, x: nnx.merge(self.graphdef, p).encode(x))
-    self._decode = self._batch_mesh.jit(lambda p, z: nnx.merge(self.graphdef, p).decode(z))
-
-  def _run(self, fn: Callable, x, channels: int, what: str):
-    if x.ndim != 4 or x.shape[-1] != channels:
-      raise ValueError(f'{what} must be NHWC [B, H, W, {channels}], got shape {x.shape}.')
-    return self._batch_mesh.run(fn, self.params, x)
-
-  def encode(self, images) -> tuple[jax.Array, jax.Array]:
-    """images [B, H, W, C] in [−1, 1] → (mean, logvar), each [B, H/f, W/f, latent_channels]
-    float32: the posterior, NOT multiplied by scaling_factor."""
-    return self._run(self._encode, images, self.arch['channels'], 'images')
-
-  def decode(self, latents) -> jax.Array:
-    """unscaled latents [B, h, w, latent_channels] → images [B, h·f, w·f, C] float32, roughly
-    in [−1, 1] (not clipped)."""
-    return self._run(self._decode, latents, self.latent_channels, 'latents')
 
 
 def load(directory: str, *, mesh: Mesh | None = None) -> Autoencoder:

@@ -468,26 +468,21 @@ def read_params(path: str | pathlib.Path, shape: VaeShape | None = None) -> dict
 # Using it: jitted, the batch split over the devices.
 
 
-class VAE:
-  """A loaded AutoencoderKL whose methods run jitted, the batch split over the devices of
-  `mesh` (parameters replicated; a batch that does not divide is padded and the padding
-  dropped). Inputs may be numpy or jax arrays; outputs are float32 jax arrays.
+class BatchedAutoencoder:
+  """encode/decode of an NNX autoencoder (a graphdef whose module has encode(x) → (mean,
+  logvar) and decode(z)) run jitted, the batch split over the devices of `mesh` (parameters
+  replicated; a batch that does not divide is padded and the padding dropped). Inputs may be
+  numpy or jax arrays; outputs are float32 jax arrays. The VAE here and the Fashion-MNIST
+  autoencoder (models/autoencoder.py) are both used through it."""
 
-  Attributes: shape (VaeShape), scaling_factor, shift_factor, latent_channels,
-  downsample_factor (f), mesh, graphdef and params (the replicated parameter pure dict).
-  """
-
-  def __init__(self, shape: VaeShape, params: dict, *, dtype=jnp.float32,
+  def __init__(self, graphdef, params: dict, *, in_channels: int, latent_channels: int,
                mesh: Mesh | None = None):
-    self.shape = shape
-    self.scaling_factor, self.shift_factor = shape.scaling_factor, shape.shift_factor
-    self.latent_channels, self.downsample_factor = shape.latent_channels, shape.downsample_factor
+    self.graphdef, self.in_channels, self.latent_channels = graphdef, in_channels, latent_channels
     self._batch_mesh = sharding.BatchMesh(mesh)
     self.mesh = self._batch_mesh.mesh
-    self.graphdef, _ = abstract_model(shape, dtype)
     self.params = self._batch_mesh.replicate(params)
-    self._encode = self._batch_mesh.jit(lambda p, x: nnx.merge(self.graphdef, p).encode(x))
-    self._decode = self._batch_mesh.jit(lambda p, z: nnx.merge(self.graphdef, p).decode(z))
+    self._encode = self._batch_mesh.jit(lambda p, x: nnx.merge(graphdef, p).encode(x))
+    self._decode = self._batch_mesh.jit(lambda p, z: nnx.merge(graphdef, p).decode(z))
 
   def _run(self, fn: Callable, x, channels: int, what: str):
     if x.ndim != 4 or x.shape[-1] != channels:
@@ -497,12 +492,28 @@ class VAE:
   def encode(self, images) -> tuple[jax.Array, jax.Array]:
     """images [B, H, W, in_channels] in [−1, 1] → (mean, logvar), each [B, ⌊H/f⌋, ⌊W/f⌋,
     latent_channels] float32: the posterior, NOT multiplied by scaling_factor."""
-    return self._run(self._encode, images, self.shape.in_channels, 'images')
+    return self._run(self._encode, images, self.in_channels, 'images')
 
   def decode(self, latents) -> jax.Array:
     """unscaled latents [B, h, w, latent_channels] → images [B, h·f, w·f, out_channels]
     float32, roughly in [−1, 1] (not clipped)."""
     return self._run(self._decode, latents, self.latent_channels, 'latents')
+
+
+class VAE(BatchedAutoencoder):
+  """A loaded AutoencoderKL (BatchedAutoencoder's encode/decode).
+
+  Attributes: shape (VaeShape), scaling_factor, shift_factor, latent_channels,
+  downsample_factor (f), mesh, graphdef and params (the replicated parameter pure dict).
+  """
+
+  def __init__(self, shape: VaeShape, params: dict, *, dtype=jnp.float32,
+               mesh: Mesh | None = None):
+    super().__init__(abstract_model(shape, dtype)[0], params, in_channels=shape.in_channels,
+                     latent_channels=shape.latent_channels, mesh=mesh)
+    self.shape = shape
+    self.scaling_factor, self.shift_factor = shape.scaling_factor, shape.shift_factor
+    self.downsample_factor = shape.downsample_factor
 
 
 def load_vae(path: str | pathlib.Path, *, dtype=jnp.float32, mesh: Mesh | None = None) -> VAE:
