@@ -1,6 +1,7 @@
 """Variance curves: how far each training target lies from the exact marginal velocity u*.
 
   python -m pafm_jax.tools.variance --workdir=runs/variance [--config=configs/fmnist_sit.py]
+  (or --config=configs/fmnist_latent_sit.py: the latents' stored means, scaled)
 
 For a dataset small enough to enumerate (Fashion-MNIST, 60 K), u*(x_t) — the marginal velocity
 of the *empirical* class-conditional distribution, the quantity every target estimates — is
@@ -208,9 +209,11 @@ def main(argv):
   times = [float(t) for t in _TIMES.value]
   if any(not 0.0 < t < 1.0 for t in times):
     raise app.UsageError(f'--t values must lie in (0, 1), got {times}.')
-  if config.data.name != 'fashion_mnist':
+  # Latents: the empirical distribution of the stored means (scaled), what retrieval indexes.
+  if config.data.name not in ('fashion_mnist', 'latents'):
     raise app.UsageError('the variance tool enumerates the whole training set; it is meant '
-                         f'for Fashion-MNIST, not {config.data.name!r}.')
+                         "for Fashion-MNIST (pixels, or latents with data.name='latents'), not "
+                         f'{config.data.name!r}.')
   os.makedirs(_WORKDIR.value, exist_ok=True)
   start = time.time()
   scann_dir = None
