@@ -161,29 +161,21 @@ def encoder_output_shape(config) -> tuple[int, int]:
   """(N, F): patch features per image and their width, from the config alone."""
   r = config.objective.repa
   if r.encoder == 'classifier':
+    from pafm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     from pafm_jax.evaluation import classifier  # pylint: disable=g-import-not-at-top
-    arch = classifier.architecture(_pixel_config(config).data)
+    arch = classifier.architecture(pipeline.pixel_space_config(config).data)
     side = arch['image_size'] // 4
     return side * side, arch['widths'][1]
   from pafm_jax.models import dinov2  # pylint: disable=g-import-not-at-top
   return dinov2.output_shape(r.encoder_path, r.encoder_resolution)
 
 
-def _pixel_config(config):
-  """The config whose data is the images the encoder sees (the pixels behind latents)."""
-  from pafm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  if not pipeline.is_latent(config.data):
-    return config
-  out = config.copy_and_resolve_references()
-  out.data = pipeline.pixel_data_config(config.data)
-  return out
-
-
 def encoder_input_field(config) -> str:
   """The batch field the frozen encoder reads: the clean images, or for latent data the
   pixels stored with them."""
   from pafm_jax import batch_contract  # pylint: disable=g-import-not-at-top
-  return (batch_contract.PIXELS if config.data.name == 'latents' else batch_contract.IMAGE)
+  from pafm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return batch_contract.PIXELS if pipeline.is_latent(config.data) else batch_contract.IMAGE
 
 
 def frozen_encoder(config) -> FrozenEncoder:
@@ -199,9 +191,10 @@ def frozen_encoder(config) -> FrozenEncoder:
 
 def _classifier_encoder(config) -> FrozenEncoder:
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  from pafm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from pafm_jax.evaluation import classifier  # pylint: disable=g-import-not-at-top
 
-  config = _pixel_config(config)
+  config = pipeline.pixel_space_config(config)
   arch = classifier.architecture(config.data)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: classifier.build(arch)), nnx.Param)
 
@@ -211,11 +204,6 @@ def _classifier_encoder(config) -> FrozenEncoder:
     return fmap.reshape(fmap.shape[0], -1, fmap.shape[-1])
 
   def load_params():
-    directory = classifier.default_directory(config)
-    clf = classifier.load(directory)
-    if clf.info['architecture'] != arch:
-      raise ValueError(f'the classifier at {directory} was built for other data '
-                       f'({clf.info["architecture"]}); retrain it with --mode=train_classifier.')
-    return jax.tree.map(np.asarray, clf.params)
+    return jax.tree.map(np.asarray, classifier.load_for(config).params)
 
   return FrozenEncoder('classifier', nnx.to_pure_dict(abstract), apply, load_params)

@@ -42,7 +42,8 @@ BUCKETED_DIAGNOSTICS = ('ess', 'target_shift')
 
 
 def make_train_step(config: ml_collections.ConfigDict, net: network.Network,
-                    tx: optax.GradientTransformation, objective: objectives.Objective) -> Callable:
+                    tx: optax.GradientTransformation, objective: objectives.Objective,
+                    repa_encoder: repa.FrozenEncoder | None = None) -> Callable:
   path = paths.get_path(config.objective.path)
   schedule = train_state.learning_rate_schedule(config.optimizer)
   base_key = jax.random.key(config.seed)
@@ -57,7 +58,7 @@ def make_train_step(config: ml_collections.ConfigDict, net: network.Network,
       # drawn for the data batch, not for them.
       noise_from_batch=batch_contract.pipeline_draws_noise(config) and prepare is None)
   alignment = objectives.make_alignment(config, net.apply_with_projection)
-  encode = repa.frozen_encoder(config).apply if alignment is not None else None
+  encode = repa_encoder.apply if alignment is not None else None
   encoder_input = repa.encoder_input_field(config)
   if objective.flow_map is None:
     loss_fn = functools.partial(objectives.velocity_loss, net.apply, alignment=alignment,
@@ -143,7 +144,8 @@ def lower_step(setup: train_state.TrainSetup):
   """The train step lowered from abstract shapes (nothing allocated, nothing run)."""
   batch = setup.abstract_batch()
   with sharding.logical_rules(setup.mesh, setup.rules):
-    step_fn = jax.jit(make_train_step(setup.config, setup.net, setup.tx, setup.objective),
+    step_fn = jax.jit(make_train_step(setup.config, setup.net, setup.tx, setup.objective,
+                                      setup.repa_encoder),
                       in_shardings=(setup.state_shardings,
                                     {k: v.sharding for k, v in batch.items()}),
                       out_shardings=(setup.state_shardings, NamedSharding(setup.mesh, P())),

@@ -95,7 +95,7 @@ def test_readers_see_the_scaled_mean_and_the_stored_pixels(latent_config):
   np.testing.assert_array_equal(batch['label'], idx_labels[positions])
   np.testing.assert_allclose(batch['pixels'], idx_images[positions] / 127.5 - 1.0, atol=2e-7)
   np.testing.assert_array_equal(pipeline.class_sizes(latent_config.data), [PER_CLASS] * 10)
-  assert pipeline.latent_scale(latent_config.data) == (scale, 0.0)
+  assert pipeline.latent_scale(pipeline.latent_metadata(latent_config.data)) == (scale, 0.0)
   wrong = apply_overrides(latent_config.copy_and_resolve_references(), {'data.channels': 3})
   with pytest.raises(ValueError, match='7×7×4 with 10 classes'):
     pipeline.load_source(wrong.data)
@@ -126,8 +126,7 @@ def test_repa_step_on_latents_reads_the_stored_pixels(latent_config, tmp_path):
 
 
 def _pixel(config):
-  from pafm_jax.evaluation import runner
-  return runner.pixel_space_config(config)
+  return pipeline.pixel_space_config(config)
 
 
 def test_retrieved_own_item_is_this_epochs_draw(latent_config, tmp_path):

@@ -131,19 +131,25 @@ def _loss_and_grads(config, alignment, params, batch, net):
   return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
 
 
+def _model_and_batch(config, *, seed, size):
+  """A fresh network of config, its params (rng `seed`) and a batch of the first `size` test
+  images with their labels and the classifier's features."""
+  net = network.build_network(config)
+  params = nnx.to_pure_dict(nnx.state(network.model_factory(config)(jax.random.key(seed)),
+                                      nnx.Param))
+  images, labels = pipeline.load_arrays(config.data, 'test')
+  encoder = repa.frozen_encoder(config)
+  feats = encoder.apply(encoder.load_params(), jnp.asarray(images[:size]))
+  return net, params, {'image': jnp.asarray(images[:size]), 'label': jnp.asarray(labels[:size]),
+                       'repa_features': feats}
+
+
 def test_lambda_zero_is_bit_identical_to_no_alignment(fmnist_tfds_dir, classifier_dir):
   """The alignment branch with λ = 0 (projector run, encoder features in the batch) gives the
   same loss and the same gradient, bit for bit, as the loss without it."""
   config = repa_config(fmnist_tfds_dir, classifier_dir, **{'objective.name': 'fm'})
-  net = network.build_network(config)
-  params = nnx.to_pure_dict(nnx.state(network.model_factory(config)(jax.random.key(0)),
-                                      nnx.Param))
-  images, labels = pipeline.load_arrays(config.data, 'test')
-  encoder = repa.frozen_encoder(config)
-  feats = encoder.apply(encoder.load_params(), jnp.asarray(images[:16]))
-  assert feats.shape == (16, 49, 64)
-  batch = {'image': jnp.asarray(images[:16]), 'label': jnp.asarray(labels[:16]),
-           'repa_features': feats}
+  net, params, batch = _model_and_batch(config, seed=0, size=16)
+  assert batch['repa_features'].shape == (16, 49, 64)
   zero = objectives.make_alignment(repa_config(fmnist_tfds_dir, classifier_dir),
                                    net.apply_with_projection)
   zero = zero.__class__(**{**zero.__dict__, 'weight': 0.0})
@@ -173,20 +179,14 @@ def test_reported_alignment_loss_is_brute_force_of_the_projection(fmnist_tfds_di
   own output and the classifier's feature map, at the step's times."""
   config = repa_config(fmnist_tfds_dir, classifier_dir, **{'objective.name': 'fm',
                                                            'objective.label_drop': 0.0})
-  net = network.build_network(config)
-  params = nnx.to_pure_dict(nnx.state(network.model_factory(config)(jax.random.key(1)),
-                                      nnx.Param))
-  images, labels = pipeline.load_arrays(config.data, 'test')
-  encoder = repa.frozen_encoder(config)
-  feats = encoder.apply(encoder.load_params(), jnp.asarray(images[:8]))
-  batch = {'image': jnp.asarray(images[:8]), 'label': jnp.asarray(labels[:8]),
-           'repa_features': feats}
+  net, params, batch = _model_and_batch(config, seed=1, size=8)
+  images, labels, feats = batch['image'], batch['label'], batch['repa_features']
   alignment = objectives.make_alignment(config, net.apply_with_projection)
   (_, aux), _ = _loss_and_grads(config, alignment, params, batch, net)
   t = np.asarray(aux['t'])
-  eps = jax.random.normal(jax.random.split(jax.random.key(3), 3)[1], images[:8].shape)
-  x_t = paths.interpolate(paths.LinearPath(), jnp.asarray(images[:8]), eps, jnp.asarray(t))
-  _, z_tilde = net.apply_with_projection(params, x_t, jnp.asarray(t), jnp.asarray(labels[:8]))
+  eps = jax.random.normal(jax.random.split(jax.random.key(3), 3)[1], images.shape)
+  x_t = paths.interpolate(paths.LinearPath(), jnp.asarray(images), eps, jnp.asarray(t))
+  _, z_tilde = net.apply_with_projection(params, x_t, jnp.asarray(t), jnp.asarray(labels))
   w = closed_form('sigmoid', t)
   want, _ = brute_force_loss(np.asarray(z_tilde, np.float64), np.asarray(feats, np.float64), w)
   assert float(aux['alignment_loss']) == pytest.approx(want, rel=1e-4)

@@ -163,10 +163,8 @@ def validate_data_config(
   for field in ("image_size", "channels", "num_classes"):
     if _get(data_config, field) is not None:
       _check_int(f"config.data.{field}", _get(data_config, field), 1)
-  if name == LATENTS and not _get(data_config, "latents_dir", ""):
-    raise ValueError(
-      "config.data.name='latents' reads a latent dataset: set config.data.latents_dir to the "
-      "directory `python -m pafm_jax.tools.encode_latents` wrote.")
+  if name == LATENTS:
+    _latents_dir(data_config)
   if name in (FASHION_MNIST, captioned.FASHION_MNIST_CAPTIONS):
     expected = {"image_size": 28, "channels": 1, "num_classes": 10}
     for field, want in expected.items():
@@ -378,14 +376,19 @@ def _load_whole_source(data_config: Any, split: str) -> Sequence[dict[str, Any]]
   return builder.as_data_source(split=split)
 
 
-def _latent_source(data_config: Any, split: str):
-  from pafm_jax.data import latents  # pylint: disable=g-import-not-at-top
-
+def _latents_dir(data_config: Any) -> str:
   root = _get(data_config, "latents_dir", "")
   if not root:
     raise ValueError(
       "config.data.name='latents' reads a latent dataset: set config.data.latents_dir to the "
       "directory `python -m pafm_jax.tools.encode_latents` wrote.")
+  return root
+
+
+def _latent_source(data_config: Any, split: str):
+  from pafm_jax.data import latents  # pylint: disable=g-import-not-at-top
+
+  root = _latents_dir(data_config)
   source = latents.LatentSource(os.path.expanduser(root), split)
   h, w, c = source.metadata["latent_shape"]
   want = (_get(data_config, "image_size"), _get(data_config, "image_size"),
@@ -404,12 +407,12 @@ def is_latent(data_config: Any) -> bool:
   return _get(data_config, "name") == LATENTS
 
 
-def latent_scale(data_config: Any) -> tuple[float, float]:
-  """(scale, shift) of the dataset: training, retrieval and the decoder all see
-  scale·(latent − shift)."""
-  meta = latent_metadata(data_config)
-  return (float(meta["scaling_factor"]),
-          float(meta.get("encoder", {}).get("shift_factor", 0.0) or 0.0))
+def latent_scale(metadata: dict) -> tuple[float, float]:
+  """(scale, shift) of a latent dataset's metadata (latents.json): training, retrieval and
+  the decoder all see scale·(latent − shift); SD's shift is 0, SD3/FLUX-style VAEs centre
+  their latents."""
+  return (float(metadata["scaling_factor"]),
+          float(metadata.get("encoder", {}).get("shift_factor", 0.0) or 0.0))
 
 
 def latent_metadata(data_config: Any) -> dict:
@@ -434,6 +437,16 @@ def pixel_data_config(data_config: Any) -> Any:
   pixels.name = data_config.pixel_source
   pixels.image_size = data_config.pixel_size
   pixels.channels = data_config.pixel_channels
+  return pixels
+
+
+def pixel_space_config(config: Any) -> Any:
+  """The whole config with config.data the images behind latents (pixel_data_config): what
+  evaluation, the domain classifier and REPA's encoder see; config itself for pixel data."""
+  if not is_latent(config.data):
+    return config
+  pixels = config.copy_and_resolve_references()
+  pixels.data = pixel_data_config(config.data)
   return pixels
 
 
@@ -543,9 +556,7 @@ class _ReadBatch:
     """The scaled mean as 'image' (what retrieval indexes and candidates are), the scaled
     std for the per-epoch draw (LatentDraw), and the stored pixels in [−1, 1] if any."""
     rows = source.read_batch(indices if positions is None else positions[indices])
-    scale = np.float32(source.metadata["scaling_factor"])
-    # SD3/FLUX-style VAEs centre their latents: scale·(z − shift); SD's shift is 0.
-    shift = np.float32(source.metadata.get("encoder", {}).get("shift_factor", 0.0) or 0.0)
+    scale, shift = map(np.float32, latent_scale(source.metadata))
     batch = {fields.IMAGE: self._scaled((rows["mean"] - shift) * scale),
              fields.LATENT_STD: rows["std"].astype(np.float32) * scale,
              fields.LABEL: rows["label"].astype(np.int32), fields.ID: indices}

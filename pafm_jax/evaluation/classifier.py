@@ -270,6 +270,16 @@ class Classifier:
     return self._apply(self.params, images)
 
 
+def load_for(config: ml_collections.ConfigDict) -> Classifier:
+  """The classifier of config's data (default_directory), checked to be built for it."""
+  directory = default_directory(config)
+  clf = load(directory)
+  if clf.info['architecture'] != architecture(config.data):
+    raise ValueError(f'the classifier at {directory} was built for other data '
+                     f'({clf.info["architecture"]}); retrain it with --mode=train_classifier.')
+  return clf
+
+
 def load(directory: str) -> Classifier:
   """Loads a classifier saved by `train`; checks its weights against the recorded digest."""
   directory = epath.Path(directory)

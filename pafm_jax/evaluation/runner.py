@@ -88,12 +88,9 @@ def create_feature_extractor(config: ml_collections.ConfigDict) -> FeatureExtrac
   evaluation.check_config(config)  # an unknown kind is refused there
   kind = config.eval.features
   if kind == 'classifier':
-    directory = classifier_lib.default_directory(config)
-    clf = classifier_lib.load(directory)
-    if clf.info['architecture'] != classifier_lib.architecture(config.data):
-      raise ValueError(f'the classifier at {directory} was built for other data '
-                       f'({clf.info["architecture"]}); retrain it with --mode=train_classifier.')
-    info = {'directory': directory, 'test_accuracy': clf.info['test_accuracy']}
+    clf = classifier_lib.load_for(config)
+    info = {'directory': classifier_lib.default_directory(config),
+            'test_accuracy': clf.info['test_accuracy']}
     return FeatureExtractor('classifier', clf.fingerprint, 500, clf.apply, info)
   from pafm_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
   return inception.create_feature_extractor(config, load_decoder(config.eval.decoder),
@@ -230,14 +227,11 @@ class Evaluator:
     # A latent model is scored in pixel space: its samples are decoded, and the classifier,
     # reference statistics and training images are those of the images behind the latents.
     self.decode = decoding.latent_decoder(config, required=True)
-    scored = pixel_space_config(config)
+    scored = pipeline.pixel_space_config(config)
     self.extractor = create_feature_extractor(scored)
     self.reference = reference_statistics(scored, self.extractor)
-    self.train_images = None
-    if config.eval.memorization:
-      self.train_images, _ = classifier_lib.load_split(
-          scored.data, scored.data.split, config.eval.memorization_max_train or None)
-    self.train_reference = None
+    self.train_images = self.train_reference = seen = None
+    limit = config.eval.memorization_max_train or None
     if scored.data.subset_per_class:
       # The data-limited regime: also the distance to the very images the model saw, which a
       # model that reproduces them brings below the distance to the test split.
@@ -245,6 +239,9 @@ class Evaluator:
       feats, _ = self.extractor(seen)
       self.train_reference = Reference(*frechet.gaussian_statistics(feats), None,
                                        f'training subset ({len(seen)} images)')
+    if config.eval.memorization:
+      self.train_images = (seen[:limit] if seen is not None else classifier_lib.load_split(
+          scored.data, scored.data.split, limit)[0])
     self.options = sampling.SamplerOptions.from_config(config.sample)
     self.generate = make_generator(config, net, mesh, self.options)
     self.towers = None
@@ -269,16 +266,6 @@ class Evaluator:
     seconds = {'sampling': round(t1 - t0, 1), 'metrics': round(time.time() - t1, 1)}
     logging.info('evaluation of %d samples: %s (%s)', num, metrics, seconds)
     return {'metrics': metrics, 'images': images, 'labels': labels, 'seconds': seconds}
-
-
-def pixel_space_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """config with config.data the images behind latents (pipeline.pixel_data_config); config
-  itself for pixel data."""
-  if not pipeline.is_latent(config.data):
-    return config
-  scored = config.copy_and_resolve_references()
-  scored.data = pipeline.pixel_data_config(config.data)
-  return scored
 
 
 # ------------------------------------------------------------------------------ modes
@@ -404,7 +391,7 @@ def run_train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dic
   """--mode=train_classifier: trains the domain classifier into config.eval.classifier_dir
   (default: the shared cache, so every run of the dataset uses the same one)."""
   del workdir  # the classifier belongs to the dataset, not to a run
-  config = pixel_space_config(config)   # a latent model's classifier sees the pixels
+  config = pipeline.pixel_space_config(config)   # a latent model's classifier sees the pixels
   info = classifier_lib.train(config)
   print(f'domain classifier: test accuracy {info["test_accuracy"]:.4f}, fingerprint '
         f'{info["fingerprint"]}, saved to {classifier_lib.default_directory(config)}',

@@ -23,11 +23,12 @@ AUTOENCODER_INFO = 'autoencoder.json'
 DECODE_PER_DEVICE = 32
 
 
-def decoder_path(config: ml_collections.ConfigDict) -> str:
-  """config.data.decoder, else the encoder the latent dataset records ('' when neither)."""
+def decoder_path(config: ml_collections.ConfigDict, metadata: dict) -> str:
+  """config.data.decoder, else the encoder the latent dataset's `metadata` records ('' when
+  neither)."""
   if config.data.decoder:
     return os.path.expanduser(config.data.decoder)
-  return pipeline.latent_metadata(config.data).get('encoder', {}).get('path', '')
+  return metadata.get('encoder', {}).get('path', '')
 
 
 def load_autoencoder(path: str):
@@ -46,7 +47,8 @@ def latent_decoder(config: ml_collections.ConfigDict,
   three latent channels)."""
   if not pipeline.is_latent(config.data):
     return None
-  path = decoder_path(config)
+  metadata = pipeline.latent_metadata(config.data)
+  path = decoder_path(config, metadata)
   if not path or not os.path.exists(path):
     message = (f'no decoder for the latents ({path or "none recorded"}): set '
                'config.data.decoder to the VAE or autoencoder directory the dataset was '
@@ -56,14 +58,14 @@ def latent_decoder(config: ml_collections.ConfigDict,
     logging.warning('%s Sample grids show the first three latent channels.', message)
     return None
   model = load_autoencoder(path)
-  recorded = pipeline.latent_metadata(config.data).get('encoder', {}).get('fingerprint')
+  recorded = metadata.get('encoder', {}).get('fingerprint')
   ours = getattr(model, 'fingerprint', None)
   if recorded and ours and recorded != ours:
     # Retrained since the dataset was written: its decoder no longer inverts these latents.
     raise ValueError(f'the autoencoder at {path} (fingerprint {ours}) is not the one the '
                      f'latent dataset was encoded with ({recorded}); re-encode the dataset '
                      'with it, or set config.data.decoder to the original.')
-  scale, shift = pipeline.latent_scale(config.data)
+  scale, shift = pipeline.latent_scale(metadata)
 
   # Bounded memory for 50 K-sample evaluations: SD's decoder at 256 px holds ~0.3 GB of
   # float32 activations per image, so a few dozen per device at a time.

@@ -61,6 +61,7 @@ from absl import app, flags, logging
 import numpy as np
 
 from pafm_jax.data import latents
+from pafm_jax.retrieval import index as index_lib
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp')
 LOG_SECONDS = 5.0
@@ -235,14 +236,6 @@ def _config_class_names(data_config, source, num_classes: int) -> list[str] | No
 # ------------------------------------------------------------------- the encoder
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 24), b''):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def describe_encoder(path: str) -> dict[str, Any]:
   """What the dataset records of the encoder at `path`, read without loading its weights:
   kind, path, fingerprint, in_channels, latent_channels, downsample_factor, scaling_factor."""
@@ -259,8 +252,8 @@ def describe_encoder(path: str) -> dict[str, Any]:
   if os.path.isfile(os.path.join(path, 'config.json')) and weights:
     from pafm_jax.models import vae  # pylint: disable=g-import-not-at-top
     shape = vae.read_shape(path)
-    return {'kind': 'sd-vae', 'path': path, 'fingerprint': _sha256(weights[0]),
-            'config_sha256': _sha256(os.path.join(path, 'config.json')),
+    return {'kind': 'sd-vae', 'path': path, 'fingerprint': index_lib.sha256_file(weights[0]),
+            'config_sha256': index_lib.sha256_file(os.path.join(path, 'config.json')),
             'in_channels': shape.in_channels, 'latent_channels': shape.latent_channels,
             'downsample_factor': shape.downsample_factor,
             'scaling_factor': shape.scaling_factor, 'shift_factor': shape.shift_factor}
