@@ -36,11 +36,12 @@ import shutil
 import time
 from typing import Any, Callable
 
-from absl import app, flags, logging
+from absl import app, flags
 import jax
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
+from configs import base as base_config
 from pafm_jax import checkpointing, config_checks, logs, train, train_state
 from pafm_jax.evaluation import statistics
 
@@ -356,6 +357,22 @@ def _read_json(path: str) -> Any:
     return json.load(f)
 
 
+def with_new_defaults(saved: Any, current: Any, defaults: Any) -> Any:
+  """`saved` with the fields it lacks taken from `current` where `current` holds the base
+  config's default: a field added to the framework after a run started (with its default,
+  so without changing what the run computes) must not make the run unresumable."""
+  if not (isinstance(saved, dict) and isinstance(current, dict)):
+    return saved
+  defaults = defaults if isinstance(defaults, dict) else {}
+  filled = {}
+  for key, value in saved.items():
+    filled[key] = with_new_defaults(value, current.get(key), defaults.get(key))
+  for key, value in current.items():
+    if key not in saved and key in defaults and defaults[key] == value:
+      filled[key] = value
+  return filled
+
+
 def _first_difference(a: Any, b: Any, prefix: str = '') -> str:
   if isinstance(a, dict) and isinstance(b, dict):
     for k in sorted(set(a) | set(b)):
@@ -410,7 +427,8 @@ def run_one(config: ml_collections.ConfigDict, method: str, budget: Budget, work
   spec = {'method': method, 'seed': int(config.seed), 'eval_steps': eval_steps(budget),
           'config': _json_normal(config)}
   if os.path.exists(spec_path):
-    saved = _read_json(spec_path)
+    defaults = {'config': _json_normal(base_config.get_config())}
+    saved = with_new_defaults(_read_json(spec_path), spec, defaults)
     if saved != spec:
       raise ValueError(f'{workdir} holds a run with other settings '
                        f'({_first_difference(saved, spec)}); use a new --workdir.')

@@ -202,6 +202,42 @@ def test_interrupted_evaluation_resumes_at_the_missing_checkpoints(tmp_path, mon
   assert len(trained) == 2              # the loop itself returns at once when finished
 
 
+def _spec_without(run_dir: str, block: str) -> None:
+  """Rewrites the run's spec.json as a version of the framework without config.<block> did."""
+  path = os.path.join(run_dir, 'spec.json')
+  with open(path) as f:
+    spec = json.load(f)
+  del spec['config'][block]
+  with open(path, 'w') as f:
+    json.dump(spec, f)
+
+
+def test_a_run_saved_before_a_config_field_existed_resumes_only_at_its_default(tmp_path,
+                                                                            monkeypatch):
+  budget = exp.resolve_budget(False, steps=10, eval_every=10, seeds=(3,))
+  config = exp.run_config(fmnist_sit.get_config(), 'fm', 3, budget)
+  monkeypatch.setattr(train, 'train_and_evaluate', lambda c, w: None)
+  score = lambda workdir, step, seed: ({'fd': 1.0}, {}, 'fp')
+  run_dir = str(tmp_path / 'run')
+  os.makedirs(run_dir)
+  exp._write_json(os.path.join(run_dir, 'spec.json'),
+                  {'method': 'fm', 'seed': 3, 'eval_steps': exp.eval_steps(budget),
+                   'config': exp._json_normal(config)})
+  _spec_without(run_dir, 'autoencoder')    # the block came later, at its default here
+  assert exp.run_one(config, 'fm', budget, run_dir, score, log=lambda _: None)['seed'] == 3
+
+  changed = config.copy_and_resolve_references()
+  changed.autoencoder.steps += 1             # a new field set away from its default
+  other_dir = str(tmp_path / 'other')
+  os.makedirs(other_dir)
+  exp._write_json(os.path.join(other_dir, 'spec.json'),
+                  {'method': 'fm', 'seed': 3, 'eval_steps': exp.eval_steps(budget),
+                   'config': exp._json_normal(changed)})
+  _spec_without(other_dir, 'autoencoder')
+  with pytest.raises(ValueError, match='autoencoder'):
+    exp.run_one(changed, 'fm', budget, other_dir, score, log=lambda _: None)
+
+
 # ------------------------------------------------------------------------ a real run
 
 
