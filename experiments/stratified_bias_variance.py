@@ -9,6 +9,8 @@ import os
 import sys
 import time
 
+from absl import app
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests import test_stratified as ts  # noqa: E402
@@ -39,7 +41,9 @@ def table(path_name):
   return lines, time.perf_counter() - start
 
 
-def main():
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'no arguments are taken, got {argv[1:]}')
   n = sum(ts.CLASS_SIZES)
   out = [
       '### Stratified PAFM against the exact marginal velocity (synthetic dataset)',
@@ -68,4 +72,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)
