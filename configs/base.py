@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
       ('bank_slot', ('data', 'fsdp')),
   )
 
-  # Fault tolerance (pafm_jax/fault_tolerance.py; README "Training on a TPU pod").
+  # Fault tolerance (pafm_jax/fault_tolerance.py; docs/scaling.md).
   c.fault = ml_collections.ConfigDict()
   # A step whose loss or gradient is not finite never changes the state; then 'stop' (an error,
   # the last checkpoint intact) or 'skip' (go on; each skip is logged and counted).
@@ -205,7 +205,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.text.encoder = ''
   c.text.lit_epochs = 5          # --mode=train_lit
 
-  # Sampling (pafm_jax/sampling; README "Sampling"): sample grids during training, --mode=sample
+  # Sampling (pafm_jax/sampling; docs/sampling.md): sample grids during training, --mode=sample
   # and the samples of --mode=eval.
   c.sample = ml_collections.ConfigDict()
   c.sample.method = 'heun'       # euler | heun | sde | dopri5 | stablevs | flow_map
@@ -227,7 +227,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample.batch_size = 500      # --mode=sample/eval: samples per jitted call
   c.sample.use_ema = True
 
-  # Evaluation (pafm_jax/evaluation; README "Evaluation"): --mode=eval, and every
+  # Evaluation (pafm_jax/evaluation; docs/evaluation.md): --mode=eval, and every
   # eval.every_steps during training (0: never).
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 0

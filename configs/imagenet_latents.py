@@ -1,7 +1,7 @@
 """Base for the paper-scale SiT runs on ImageNet-256 VAE latents (32×32×4, 1000 classes).
 
 Global batch 256, AdamW 1e-4, EMA 0.9999, 400 K steps (SiT, Ma et al. 2024). The latents are
-SD-VAE moments written once by the encoding tool (README "ImageNet-256 latents"):
+SD-VAE moments written once by the encoding tool (docs/training.md, "ImageNet-256 latents"):
 
   python -m pafm_jax.tools.encode_latents --encoder=/path/to/sd-vae-ft-ema \
       --image_folder=train=/data/imagenet/train --image_size=256 --flip --store_pixels \
@@ -35,7 +35,7 @@ def get_config():
   c.sample.cfg_scale = 1.5
   c.sample.per_class = 4
   # FID50K with the FID Inception-v3 on decoded samples (user-supplied weights and reference
-  # statistics; README "Evaluation").
+  # statistics; docs/evaluation.md).
   c.eval.num_samples = 50_000
   c.eval.features = 'inception'
   # Exact nearest neighbours over 1.28 M latents (21 GB) do not fit this code path.

@@ -7,9 +7,9 @@
 PAFM's paper trains MMDiT on CC12M (Stoica et al. 2026); the architecture is SD3's (Esser et
 al. 2024) at SiT-XL/2's depth and width (28 blocks of 1152, 16 heads), with captions encoded
 once by the text encoder (all-MiniLM-L6-v2 by default, 384 wide; set data.text_width and
-data.max_tokens for another). README lists its parameter count. The target is text PAFM: the
-Gaussian likelihood plus cos(e(y_i), e(y_j))/τ of the candidates' own captions, over the
-global batch and the retrieved neighbours of x_t/α_t (one partition: web captions have no
+data.max_tokens for another). docs/training.md lists its parameter count. The target is text
+PAFM: the Gaussian likelihood plus cos(e(y_i), e(y_j))/τ of the candidates' own captions, over
+the global batch and the retrieved neighbours of x_t/α_t (one partition: web captions have no
 classes; label 0 for every pair, so data.num_classes = 1).
 """
 

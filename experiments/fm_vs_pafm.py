@@ -91,11 +91,12 @@ class Budget:
   memorization_max_train: int  # training images searched for the nearest ones (0: all)
 
 
-# Sized on this project's 2-core CPU (README "FM vs PAFM experiment" has the timings): the 12
-# runs of 4 methods × 3 seeds, evaluations included, in under an hour. Stratified PAFM's
-# retrieval worker shares the two cores with the step, which makes its runs the longest.
+# Sized on this project's 2-core CPU (docs/experiments.md "FM vs PAFM experiment" has the
+# timings): the 12 runs of 4 methods × 3 seeds, evaluations included, in under an hour.
+# Stratified PAFM's retrieval worker shares the two cores with the step, which makes its runs
+# the longest.
 # Euler 16 came within 3 FD of SiT's dopri5 (64 NFE) on the default model at a quarter of the
-# velocity calls (README "FD against NFE").
+# velocity calls (docs/evaluation.md "FD against NFE").
 REDUCED = Budget(steps=400, eval_every=100, eval_samples=1_000, seeds=(0, 1, 2),
                  sampler='euler', sampler_steps=16, memorization_max_train=0)
 # An accelerator's budget: 10× the default job's steps, 10 K samples per evaluation (the

@@ -190,7 +190,7 @@ def test_killed_and_preempted_runs_end_bit_identical_to_an_uninterrupted_one(fmn
                                                                              tmp_path):
   """5 SIGKILLs (one anywhere, start-up included; one inside an async save; three at random
   steps) and a SIGTERM, each followed by a restart; the final state equals an uninterrupted
-  run's bit for bit. Prints the README's table (fault, step, outcome)."""
+  run's bit for bit. Prints the table of docs/scaling.md (fault, step, outcome)."""
   settings = {'total_steps': 40, 'checkpoint_every_steps': 4, 'keep_checkpoints': 2}
   reference_dir, faulty_dir = str(tmp_path / 'reference'), str(tmp_path / 'faulty')
   reference = _Run(runs.tiny_flags(fmnist_tfds_dir, reference_dir, **settings),

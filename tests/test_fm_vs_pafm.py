@@ -28,7 +28,7 @@ def _changed(a, b) -> set[str]:
 
 def test_method_configs_are_the_base_with_their_overrides():
   base = fmnist_sit.get_config()
-  # Written out by hand from the issue and README, not from exp.METHODS.
+  # Written out by hand from the issue and docs/experiments.md, not from exp.METHODS.
   expected = {name: fmnist_sit.get_config() for name in exp.METHODS}
   for name, objective in (('fm', 'fm'), ('pafm_batch', 'pafm'), ('stablevm', 'stablevm')):
     c = expected[name]
