@@ -52,7 +52,7 @@ def test_every_check_runs_from_validate():
   cases = {'data.read_threads': 0, 'model.name': 'SiT-Q/2', 'objective.path': 'spiral',
            'objective.name': 'diffusion', 'retrieval.backend': 'faiss', 'sample.method': 'rk9',
            'log_every_steps': 0, 'global_batch_size': 7, 'eval.features': 'dino',
-           'eval.fd_bootstrap': 1}
+           'eval.fd_bootstrap': 1, 'eval.classifier_epochs': 0}
   for field, value in cases.items():
     c = apply_overrides(fmnist_sit.get_config(), {field: value})
     with pytest.raises(ValueError):

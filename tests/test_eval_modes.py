@@ -55,7 +55,12 @@ def test_classifier_save_load_and_fingerprint(tiny_run):
 
 def test_sample_mode_writes_grid_and_npz(tiny_run):
   config, workdir, _ = tiny_run
-  out = runner.run_sample(config, str(workdir))
+  trained_with = (workdir / 'config.json').read_text()
+  sampling = config.copy_and_resolve_references()
+  sampling.sample.num_steps = 3
+  out = runner.run_sample(sampling, str(workdir))
+  # The workdir keeps recording how its run was trained, not how it was last sampled.
+  assert (workdir / 'config.json').read_text() == trained_with
   assert os.path.exists(out['grid'])
   data = np.load(out['npz'])
   assert data['samples'].shape == (10 * config.sample.per_class, 28, 28, 1)

@@ -17,6 +17,9 @@ def check_config(config) -> None:
   if e.num_samples < 2 or e.pr_neighbours < 1:
     raise ValueError('config.eval.num_samples must be ≥ 2 and config.eval.pr_neighbours ≥ 1, '
                      f'got {e.num_samples} and {e.pr_neighbours}.')
+  if e.classifier_epochs < 1:
+    raise ValueError(f'config.eval.classifier_epochs must be ≥ 1, got {e.classifier_epochs}: '
+                     'the domain classifier is trained for whole epochs.')
   if e.fd_bootstrap and e.fd_bootstrap < 2:
     raise ValueError(f'config.eval.fd_bootstrap must be 0 (off) or ≥ 2 resamples, got '
                      f'{e.fd_bootstrap}.')

@@ -292,7 +292,7 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
   """--mode=sample: a grid PNG (a row per class) and an .npz of samples and labels; for a
   text network a row per caption (config.sample.captions, typed, or test captions), the
   captions in a .txt beside it."""
-  checkpointing.check_and_save_config(config, workdir)
+  checkpointing.check_config(config, workdir)   # config.json stays the training run's
   mesh, net, params, step = restore_sampling_params(config, workdir)
   options = sampling.SamplerOptions.from_config(config.sample)
   if net.family == 'text':
@@ -361,7 +361,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """--mode=eval: restores the latest checkpoint, scores N samples, writes eval.json."""
-  checkpointing.check_and_save_config(config, workdir)
+  checkpointing.check_config(config, workdir)   # config.json stays the training run's
   mesh, net, params, step = restore_sampling_params(config, workdir)
   evaluator = Evaluator(config, net, mesh)
   out = evaluator.evaluate(params, jax.random.fold_in(jax.random.key(config.seed), 0xE7A1))
@@ -391,6 +391,7 @@ def run_train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dic
   """--mode=train_classifier: trains the domain classifier into config.eval.classifier_dir
   (default: the shared cache, so every run of the dataset uses the same one)."""
   del workdir  # the classifier belongs to the dataset, not to a run
+  evaluation.check_config(config)
   config = pipeline.pixel_space_config(config)   # a latent model's classifier sees the pixels
   info = classifier_lib.train(config)
   print(f'domain classifier: test accuracy {info["test_accuracy"]:.4f}, fingerprint '
