@@ -167,7 +167,7 @@ def test_bf16_compute_keeps_fp32_state_and_tracks_fp32_loss(fmnist_tfds_dir):
 def test_flatten_config_for_hparams():
   flat = train.flatten_config(fmnist_sit.get_config())
   assert flat['model.name'] == 'SiT-T/4' and flat['optimizer.learning_rate'] == 2e-3
-  assert flat['total_steps'] == 2000 and isinstance(flat['logical_axis_rules'], str)
+  assert flat['total_steps'] == 1000 and isinstance(flat['logical_axis_rules'], str)
 
 
 # ---------------------------------------------------------------------------- the loop
