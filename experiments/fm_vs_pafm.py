@@ -13,14 +13,24 @@ conditional accuracy, k-NN precision and recall, and memorisation
 (pafm_jax/evaluation/runner.py).
 
 Writes into --workdir:
-  results.md        mean ± std over seeds per method at the last checkpoint, the FD paired
-                    with FM's seed by seed, and FD at every checkpoint
+  results.md        mean ± std over seeds per method at the last checkpoint, each metric's
+                    sampling-noise floor, every metric paired with FM's seed by seed (95 %
+                    intervals), FD at every checkpoint (also paired), and the steps each
+                    method needs to reach FM's final FD
   results.json      the settings, every run's raw metrics and timings, and the summary
   fd_vs_steps.png   FD against training steps, mean and a ± std band per method
   retrieval_index/  the ScaNN index of the training set, built once for stratified PAFM
   runs/<method>_seed<s>/   each run's train workdir, plus spec.json (its config),
                     evals.json (metrics per evaluated step, cached as they come) and
                     result.json (written last: a run that has it is skipped on a re-run)
+
+The data-limited regime is the same sweep on class-balanced training subsets, one workdir per
+size, then one table over them:
+
+  python -m experiments.fm_vs_pafm --workdir=runs/subset_60 --methods=fm,pafm_stratified \
+      --config.data.subset_per_class=60
+  python -m experiments.fm_vs_pafm --workdir=runs/data_limited \
+      --data_limited=runs/subset_60,runs/subset_600,runs/fm_vs_pafm
 
 A killed sweep continues where it stopped when started again with the same flags: training
 resumes from the run's latest checkpoint and evaluated checkpoints are not evaluated again.
@@ -64,7 +74,6 @@ METHODS: dict[str, dict[str, Any]] = {
 # (key in the metrics, column title, format, better) for the tables.
 METRICS = (
     ('fd', 'FD ↓', '.2f'),
-    ('fd_noise_std', 'FD noise sd', '.2f'),
     ('fd_train', 'FD vs its training subset ↓', '.2f'),
     ('accuracy', 'accuracy ↑', '.3f'),
     ('precision', 'precision ↑', '.3f'),
@@ -72,6 +81,9 @@ METRICS = (
     ('memorized_fraction', 'memorised ↓', '.4f'),
     ('nn_ratio_median', 'median NN ratio', '.3f'),
 )
+# Shares of per-sample indicators: their sampling noise has the binomial closed form, used for
+# evaluations made before every metric carried a bootstrap floor.
+SHARES = ('accuracy', 'precision', 'memorized_fraction')
 # Every seed's checkpoints are sampled from this one noise stream, so the FD differences
 # between methods and between steps are not sampling noise.
 EVAL_STREAM = 0xE7A1
@@ -123,6 +135,10 @@ def _define_flags() -> None:
   flags.DEFINE_list('seeds', None, 'Seeds (config.seed), e.g. 0,1,2.')
   flags.DEFINE_string('sampler', None, 'config.sample.method of every evaluation.')
   flags.DEFINE_integer('sampler_steps', None, 'config.sample.num_steps of every evaluation.')
+  flags.DEFINE_list('data_limited', None,
+                    'Instead of training: workdirs of finished sweeps that differ in their '
+                    'training subset (--config.data.subset_per_class); writes their joint '
+                    'table to --workdir/data_limited.md.')
   flags.DEFINE_integer('memorization_max_train', None,
                        'Training images searched by the memorisation metric (0: all).')
   flags.mark_flags_as_required(['workdir'])
@@ -205,7 +221,9 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, dict[str, dict]]]:
     mine = [r for r in runs if r['method'] == method]
     out[method] = {}
     for step in mine[0]['metrics']:
-      names = mine[0]['metrics'][step]
+      # Only what every run reports: runs evaluated by an older version may lack a metric.
+      names = [k for k in mine[0]['metrics'][step]
+               if all(k in r['metrics'][step] for r in mine)]
       out[method][step] = {k: mean_std([r['metrics'][step][k] for r in mine]) for k in names}
   return out
 
@@ -224,6 +242,39 @@ def paired_differences(runs: list[dict], metric: str, baseline: str,
     if pairs:
       out[method] = statistics.paired_difference(*zip(*pairs))
   return out
+
+
+def all_paired_differences(runs: list[dict], baseline: str = 'fm') -> dict[str, dict]:
+  """{step: {metric: {method: paired difference to the baseline}}} for every checkpoint and
+  every metric of METRICS the runs report there."""
+  out: dict[str, dict] = {}
+  for step in runs[0]['metrics']:
+    out[step] = {}
+    for metric, _, _ in METRICS:
+      if all(metric in r['metrics'].get(step, {}) for r in runs):
+        out[step][metric] = paired_differences(runs, metric, baseline, step)
+  return out
+
+
+def noise_floor(runs: list[dict], metric: str, step: str,
+                num_samples: int) -> tuple[float, str] | None:
+  """(sampling-noise sd of one evaluation of `metric`, how it was obtained): the mean of the
+  runs' bootstrap floors (runs evaluated by an older version have none); without any, a
+  share's binomial √(p(1 − p)/N); None when neither is known."""
+  key = f'{metric}_noise_std'
+  scored = [r['metrics'][step] for r in runs if metric in r['metrics'].get(step, {})]
+  if not scored:
+    return None
+  measured = [m[key] for m in scored if key in m]
+  if measured:
+    how = 'halves of the samples' if metric == 'recall' else 'bootstrap over the samples'
+    if len(measured) < len(scored):
+      how += f' ({len(measured)} of the {len(scored)} runs)'
+    return float(np.mean(measured)), how
+  if metric in SHARES:
+    return (float(np.mean([np.sqrt(m[metric] * (1 - m[metric]) / num_samples)
+                           for m in scored])), 'binomial √(p(1 − p)/N)')
+  return None
 
 
 def steps_to_fd(steps: list[int], fds: list[float], target: float) -> float | None:
@@ -266,49 +317,116 @@ def _pm(stat: dict | None, fmt: str) -> str:
   return text
 
 
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+  return (['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+          + ['| ' + ' | '.join(r) + ' |' for r in rows])
+
+
 def markdown(results: dict) -> str:
-  """results.md: the final-checkpoint table, the paired FD and FD at every checkpoint."""
+  """results.md: the last checkpoint's metrics, each metric's sampling-noise floor, the paired
+  differences to FM (every metric at the last checkpoint, FD at every checkpoint), FD at every
+  checkpoint and the steps to reach FM's final FD."""
   s, summary, runs = results['settings'], results['summary'], results['runs']
   last = str(s['steps'])
   seeds = ', '.join(str(x) for x in s['seeds'])
+  subset = s.get('subset_per_class', 0)
+  data = (f'a class-balanced subset of {subset} training images per class' if subset
+          else 'the whole training split')
   lines = [
       f'# FM vs PAFM on Fashion-MNIST ({s["model"]}, batch {s["batch_size"]})', '',
-      f'{s["steps"]} training steps per run, seeds {seeds}; each checkpoint scored on '
-      f'{s["eval_samples"]} class-balanced samples of its EMA weights, {s["sampler"]} '
+      f'{s["steps"]} training steps per run on {data}, seeds {seeds}; each checkpoint scored '
+      f'on {s["eval_samples"]} class-balanced samples of its EMA weights, {s["sampler"]} '
       f'{s["sampler_steps"]} steps ({s["nfe"]} NFE), CFG {s["cfg_scale"]} on t ∈ '
       f'{tuple(s["guidance_interval"])}; features {", ".join(s["fingerprints"])}. '
       'Mean ± sample std (ddof = 1) over seeds.', '',
       f'## At the last checkpoint (step {last})', '']
-  paired = {}
-  if 'fm' in summary:
-    paired = paired_differences(runs, 'fd', 'fm', last)
-  head = ['method'] + [m[1] for m in METRICS] + (
-      ['FD − FM, paired by seed ± std [95 % CI]'] if paired else [])
-  head += ['seeds', 'train s/run']
-  lines += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  metrics = [m for m in METRICS if m[0] in next(iter(summary.values()))[last]]
+  rows = []
   for method, by_step in summary.items():
-    cells = [method] + [_pm(by_step[last].get(k), fmt) for k, _, fmt in METRICS]
-    if paired:
-      cells.append(_pm(paired.get(method), '+.2f') if method != 'fm' else '(reference)')
     mine = [r for r in runs if r['method'] == method]
-    cells += [str(len(mine)), f'{np.mean([r["seconds"]["train"] for r in mine]):.0f}']
-    lines.append('| ' + ' | '.join(cells) + ' |')
+    rows.append([method] + [_pm(by_step[last].get(k), fmt) for k, _, fmt in metrics]
+                + [str(len(mine)), f'{np.mean([r["seconds"]["train"] for r in mine]):.0f}'])
+  lines += _table(['method'] + [m[1] for m in metrics] + ['seeds', 'train s/run'], rows)
+
+  lines += ['', '## Sampling-noise floor of one evaluation', '',
+            f'How much a metric moves when only the {s["eval_samples"]} samples change (mean over '
+            f'the runs at step {last}). A difference between two evaluations well inside ≈ 2·√2 '
+            'floors is sampling noise.', '']
+  rows = []
+  for key, title, fmt in metrics:
+    floor = noise_floor(runs, key, last, s['eval_samples'])
+    finer = f'.{int(fmt[1:-1]) + 1}f'   # one digit more than the metric's own
+    rows.append([title.rstrip(' ↑↓')] + ([f'{floor[0]:{finer}}', floor[1]] if floor
+                                          else ['—', 'not measured']))
+  lines += _table(['metric', 'noise sd', 'from'], rows)
+
+  paired = results.get('paired_to_fm')
+  if paired and paired.get(last):
+    lines += ['', f'## Paired by seed: method − FM at step {last}', '',
+              'Mean ± std of the per-seed differences [95 % Student-t interval over seeds]. '
+              'An interval that excludes 0 is a difference the seeds agree on.', '']
+    cols = [m for m in metrics if m[0] in paired[last]]
+    rows = [[method] + [_pm(paired[last][k].get(method), '+' + fmt) for k, _, fmt in cols]
+            for method in summary if method != 'fm']
+    lines += _table(['method'] + [m[1] for m in cols], rows)
+    steps = [k for k in paired if 'fd' in paired[k]]
+    lines += ['', '## FD − FM, paired by seed, at every checkpoint', '']
+    rows = [[method] + [_pm(paired[k]['fd'].get(method), '+.2f') for k in steps]
+            for method in summary if method != 'fm']
+    lines += _table(['method'] + [f'step {k}' for k in steps], rows)
+
   steps = list(next(iter(summary.values())))
-  lines += ['', '## FD at every checkpoint', '',
-            '| method | ' + ' | '.join(f'step {k}' for k in steps) + ' |',
-            '|' + '---|' * (len(steps) + 1)]
-  for method, by_step in summary.items():
-    lines.append(f'| {method} | ' + ' | '.join(_pm(by_step[k]['fd'], '.2f') for k in steps)
-                 + ' |')
+  lines += ['', '## FD at every checkpoint', '']
+  lines += _table(['method'] + [f'step {k}' for k in steps],
+                  [[method] + [_pm(by_step[k]['fd'], '.2f') for k in steps]
+                   for method, by_step in summary.items()])
   if results.get('convergence'):
     c = results['convergence']
-    lines += ['', f'## Steps to reach FM\'s final FD ({c["target"]:.2f})', '',
-              '| method | steps (mean ± std over the seeds that reach it) | seeds reaching it |',
-              '|---|---|---|']
-    for method, stat in c['steps'].items():
-      value = _pm(stat, '.0f') if stat['mean'] is not None else 'not reached'
-      lines.append(f'| {method} | {value} | {stat["reached"]}/{stat["seeds"]} |')
+    lines += ['', f'## Steps to reach FM\'s final FD ({c["target"]:.2f})', '']
+    lines += _table(['method', 'steps (mean ± std over the seeds that reach it)',
+                     'seeds reaching it'],
+                    [[method, _pm(stat, '.0f') if stat['mean'] is not None else 'not reached',
+                      f'{stat["reached"]}/{stat["seeds"]}']
+                     for method, stat in c['steps'].items()])
   return '\n'.join(lines) + '\n'
+
+
+# The data-limited table's columns: (metric, title, format).
+DATA_LIMITED = (('fd', 'FD vs test ↓', '.2f'), ('fd_train', 'FD vs its training images', '.2f'),
+                ('memorized_fraction', 'memorised', '.4f'),
+                ('nn_ratio_median', 'median NN ratio', '.3f'), ('accuracy', 'accuracy ↑', '.3f'))
+
+
+def data_limited_markdown(sweeps: list[dict]) -> str:
+  """One table over sweeps that differ in their training set (config.data.subset_per_class),
+  smallest first: each method's metrics at its last checkpoint, and each method's paired
+  difference to FM (by seed) of the same metrics."""
+  def size(results):
+    s = results['settings']
+    per_class = s.get('subset_per_class', 0)
+    return per_class * s.get('num_classes', 10) if per_class else float('inf')
+
+  lines = ['# The data-limited regime: FM and PAFM on class-balanced training subsets', '',
+           'Each row: mean ± std over seeds at the last checkpoint (a single seed shows its '
+           'value); FD vs test is against the test split, FD vs its training images against '
+           'the subset the run trained on, memorisation against that subset too. The '
+           'difference rows are method − FM paired by seed [95 % interval with ≥ 2 seeds].', '']
+  head = ['training images', 'method', 'steps', 'seeds'] + [t for _, t, _ in DATA_LIMITED]
+  rows = []
+  for results in sorted(sweeps, key=size):
+    s, summary = results['settings'], results['summary']
+    last = str(s['steps'])
+    images = f'{size(results):,}' if size(results) != float('inf') else 'whole split'
+    paired = results.get('paired_to_fm', {}).get(last, {})
+    for method, by_step in summary.items():
+      n = sum(1 for r in results['runs'] if r['method'] == method)
+      rows.append([images, method, last, str(n)]
+                  + [_pm(by_step[last].get(k), fmt) for k, _, fmt in DATA_LIMITED])
+      if method != 'fm' and paired:
+        rows.append([images, f'{method} − fm', last, str(n)]
+                    + [_pm(paired[k].get(method), '+' + fmt) if k in paired else '—'
+                       for k, _, fmt in DATA_LIMITED])
+  return '\n'.join(lines + _table(head, rows)) + '\n'
 
 
 def plot(results: dict, filename: str) -> None:
@@ -521,12 +639,15 @@ def sweep(base: ml_collections.ConfigDict, budget: Budget, methods: list[str], w
                    'cfg_scale': float(first.sample.cfg_scale),
                    'guidance_interval': list(first.sample.guidance_interval),
                    'nfe': nfe,
+                   'subset_per_class': int(first.data.subset_per_class),
+                   'num_classes': int(first.data.num_classes),
                    'fingerprints': sorted({f for r in runs for f in r['fingerprint']})},
       'runs': runs,
       'summary': summarize(runs),
   }
   if 'fm' in methods:
-    results['fd_minus_fm'] = paired_differences(runs, 'fd', 'fm', str(budget.steps))
+    results['paired_to_fm'] = all_paired_differences(runs, 'fm')
+    results['fd_minus_fm'] = results['paired_to_fm'][str(budget.steps)]['fd']
     target = results['summary']['fm'][str(budget.steps)]['fd']['mean']
     results['convergence'] = {'target': target, 'steps': convergence(runs, target)}
   _write_json(os.path.join(workdir, 'results.json'), results)
@@ -553,6 +674,21 @@ def main(argv):
   def log(line: str) -> None:
     print(f'[{(time.time() - start) / 60:5.1f} min] {line}', flush=True)
 
+  if FLAGS.data_limited:
+    sweeps = []
+    for directory in FLAGS.data_limited:
+      path = os.path.join(directory, 'results.json')
+      if not os.path.exists(path):
+        raise app.UsageError(f'--data_limited: {path} does not exist; finish that sweep first '
+                             '(run it again with its own flags).')
+      sweeps.append(_read_json(path))
+    table = data_limited_markdown(sweeps)
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    with open(os.path.join(FLAGS.workdir, 'data_limited.md'), 'w') as f:
+      f.write(table)
+    log(table)
+    log(f'wrote {os.path.join(FLAGS.workdir, "data_limited.md")}')
+    return
   log(f'budget {budget}, methods {FLAGS.methods}')
   sweep(FLAGS.config, budget, FLAGS.methods, FLAGS.workdir, log=log)
 

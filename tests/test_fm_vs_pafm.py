@@ -161,6 +161,65 @@ def test_finished_runs_are_skipped_and_aggregated_like_numpy(tmp_path, monkeypat
               methods, str(tmp_path), log=lines.append, score=_refuse)
 
 
+def test_every_metric_is_paired_at_every_checkpoint_and_subsets_share_one_table(tmp_path,
+                                                                                monkeypatch):
+  """Paired differences (and their t intervals) of every metric at every checkpoint against a
+  direct numpy/scipy computation; the noise-floor table's binomial fallback; and the
+  data-limited table over a subset sweep and a whole-split sweep."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(train, 'train_and_evaluate', _refuse)
+  methods, seeds = ['fm', 'pafm_stratified'], (0, 1, 2)
+  budget = exp.resolve_budget(False, steps=40, eval_every=20, seeds=seeds, eval_samples=500)
+  sweeps = {}
+  for per_class in (0, 60):
+    workdir = tmp_path / f'subset_{per_class}'
+    runs = _fabricate(str(workdir), methods, seeds, ['20', '40'],
+                      np.random.default_rng(per_class))
+    if per_class:
+      for metrics in runs.values():
+        for m in metrics.values():
+          m['fd_train'] = m['fd'] / 2
+      for (m, seed), metrics in runs.items():   # rewrite with fd_train
+        path = workdir / 'runs' / f'{m}_seed{seed}' / 'result.json'
+        record = json.loads(path.read_text())
+        record['metrics'] = metrics
+        path.write_text(json.dumps(record))
+    base = fmnist_sit.get_config()
+    base.data.subset_per_class = per_class
+    sweeps[per_class] = (exp.sweep(base, budget, methods, str(workdir), log=lambda _: None,
+                                   score=_refuse), runs)
+
+  results, runs = sweeps[60]
+  for step in ('20', '40'):
+    for metric in ('fd', 'fd_train', 'accuracy', 'memorized_fraction'):
+      a = np.array([runs[('pafm_stratified', s)][step][metric] for s in seeds])
+      b = np.array([runs[('fm', s)][step][metric] for s in seeds])
+      got = results['paired_to_fm'][step][metric]['pafm_stratified']
+      ci = stats.ttest_rel(a, b).confidence_interval(0.95)
+      np.testing.assert_allclose([got['mean'], got['low'], got['high']],
+                                 [np.mean(a - b), ci.low, ci.high], rtol=1e-10)
+  # No run carries a bootstrap floor here: shares fall back to √(p(1 − p)/N), the rest to none.
+  p = np.array([runs[(m, s)]['40']['accuracy'] for m in methods for s in seeds])
+  floor, how = exp.noise_floor(results['runs'], 'accuracy', '40', 500)
+  np.testing.assert_allclose(floor, np.mean(np.sqrt(p * (1 - p) / 500)), rtol=1e-12)
+  assert how.startswith('binomial')
+  assert exp.noise_floor(results['runs'], 'recall', '40', 500) is None
+  table = (tmp_path / 'subset_60' / 'results.md').read_text()
+  assert '600 images' not in table and '60 training images per class' in table
+
+  joint = exp.data_limited_markdown([sweeps[0][0], sweeps[60][0]])
+  rows = [line.split(' | ') for line in joint.splitlines() if line.startswith('| 600 ')
+          or line.startswith('| whole split ')]
+  # Smallest set first; a difference row follows each PAFM row.
+  assert [(r[0], r[1]) for r in rows] == [
+      ('| 600', 'fm'), ('| 600', 'pafm_stratified'), ('| 600', 'pafm_stratified − fm'),
+      ('| whole split', 'fm'), ('| whole split', 'pafm_stratified'),
+      ('| whole split', 'pafm_stratified − fm')]
+  fd_train = np.array([runs[('fm', s)]['40']['fd_train'] for s in seeds])
+  assert rows[0][5] == f'{fd_train.mean():.2f} ± {fd_train.std(ddof=1):.2f}'
+  assert rows[3][5] == '—'   # the whole split has no subset to compare with
+
+
 def test_steps_to_reach_an_fd_by_linear_interpolation():
   steps, fds = [500, 1000, 1500, 2000], [40.0, 20.0, 12.0, 10.0]
   assert exp.steps_to_fd(steps, fds, 30.0) == 750.0          # halfway from 40 to 20
@@ -257,9 +316,8 @@ def test_tiny_sweep_end_to_end(fmnist_tfds_dir, tmp_path):
                       log=lambda _: None)
   for run in results['runs']:
     assert set(run['metrics']) == {'1', '2'}
-    assert set(run['metrics']['2']) == {'fd', 'fd_noise_std', 'accuracy', 'precision',
-                                        'recall', 'memorized_fraction', 'nn_ratio_median',
-                                        'nfe'}
+    scored = {'fd', 'accuracy', 'precision', 'recall', 'memorized_fraction', 'nn_ratio_median'}
+    assert set(run['metrics']['2']) == scored | {f'{k}_noise_std' for k in scored} | {'nfe'}
     assert run['metrics']['2']['nfe'] == 2.0
     assert 0 < run['metrics']['2']['fd_noise_std'] < run['metrics']['2']['fd']
   # One seed fixes the initialisation and the sampling noise, and the warm-up's learning rate

@@ -128,3 +128,32 @@ def test_memorization_flags_exact_copies_only():
   np.testing.assert_allclose(ratio[3:], d[3:, 0] / d[3:, 1], rtol=1e-4)
   metrics = memorization.memorization_metrics(samples, train)
   assert metrics['memorized_fraction'] == pytest.approx(0.3)
+
+
+def test_noise_floors_match_closed_forms_of_per_sample_metrics():
+  """The bootstrap floors of metrics built from per-sample values against their large-N
+  closed forms: √(p(1 − p)/N) for a share (accuracy, precision, memorised), and
+  1/(2·f(median)·√N) for the median of the NN ratio (here uniform on [0, 1], f = 1)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from pafm_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  n = 4000
+  config = ml_collections.ConfigDict({'eval': {'fd_bootstrap': 1000, 'pr_neighbours': 3,
+                                               'memorization_threshold': 1 / 3}})
+  correct = rng.random(n) < 0.8
+  in_real = rng.random(n) < 0.6
+  ratio = rng.random(n)
+  feats = rng.normal(size=(n, 2))
+  reference = runner.Reference(np.zeros(2), np.eye(2), None, 'N(0, I)')
+  got = runner.noise_floors(config, feats, {'accuracy': correct, 'precision': in_real,
+                                            'ratio': ratio}, reference, None)
+
+  def share_se(p):
+    return math.sqrt(p * (1 - p) / n)
+
+  np.testing.assert_allclose(got['accuracy_noise_std'], share_se(np.mean(correct)), rtol=0.1)
+  np.testing.assert_allclose(got['precision_noise_std'], share_se(np.mean(in_real)), rtol=0.1)
+  np.testing.assert_allclose(got['memorized_fraction_noise_std'],
+                             share_se(np.mean(ratio < 1 / 3)), rtol=0.1)
+  np.testing.assert_allclose(got['nn_ratio_median_noise_std'], 1 / (2 * math.sqrt(n)), rtol=0.15)
+  assert 'recall_noise_std' not in got and 'fd_train_noise_std' not in got

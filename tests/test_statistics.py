@@ -58,3 +58,35 @@ def test_fd_noise_floor_shrinks_like_one_over_root_n():
   # Closed form of the leading term: Var ‖μ̂ − μ_ref‖² ≈ 4·‖Δ‖²/N for unit covariance.
   np.testing.assert_allclose(large['std'], np.sqrt(4 * d / 2000), rtol=0.25)
   assert frechet.frechet_distance(np.ones(d), np.eye(d), ref_mu, ref_sigma) == pytest.approx(d)
+
+
+def test_half_sample_spread_of_a_mean_is_the_standard_error():
+  """Halves drawn without replacement vary around the full mean with variance s²/N (finite
+  population correction at m = N/2): the standard error of the N-row mean."""
+  x = np.random.default_rng(6).exponential(size=2000)
+  got = statistics.half_sample_spread(np.mean, x, num_resamples=3000, seed=7)
+  expected = np.std(x, ddof=1) * np.sqrt((1 / 1000 - 1 / 2000) * 2000 / 1999)
+  assert abs(got['std'] / expected - 1) < 0.05, (got['std'], expected)
+  assert abs(expected / (np.std(x, ddof=0) / np.sqrt(2000)) - 1) < 1e-3
+  with pytest.raises(ValueError, match='num_resamples'):
+    statistics.half_sample_spread(np.mean, x, num_resamples=1)
+
+
+def test_recall_noise_floor_from_halves_matches_independent_sample_sets():
+  """Recall's sampling noise measured the direct way — its std over 200 independent generated
+  sets — against the half-sample estimate taken from single sets (mean over 20 of them)."""
+  from pafm_jax.evaluation import manifold  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(8)
+  real = rng.normal(size=(600, 3))
+
+  def fake_set():
+    return rng.normal(0.4, 0.8, size=(400, 3))
+
+  def recall(f):
+    return float(np.mean(manifold.inside(real, f, 3)))
+
+  truth = np.std([recall(fake_set()) for _ in range(200)], ddof=1)
+  estimates = [statistics.half_sample_spread(recall, fake_set(), num_resamples=40, seed=i)['std']
+               for i in range(20)]
+  # The truth's own sd is ≈ 5 % (200 sets); the estimate's mean over 20 sets ≈ 3 %.
+  assert 0.75 < np.mean(estimates) / truth < 1.3, (np.mean(estimates), truth)

@@ -23,11 +23,20 @@ def knn_radii(features: np.ndarray, k: int) -> np.ndarray:
   return dist[:, k]
 
 
+def inside(points: np.ndarray, manifold_points: np.ndarray, k: int = 3) -> np.ndarray:
+  """Whether each of `points` [M, D] lies inside the k-NN manifold of `manifold_points`
+  [N > k, D]: [M] bool. Precision is its mean for generated points in the real manifold,
+  recall for real points in the generated one."""
+  if len(manifold_points) <= k:
+    raise ValueError(f'a k-NN manifold with k = {k} needs more than {k} points, got '
+                     f'{len(manifold_points)}.')
+  return neighbours.covered(points, manifold_points, knn_radii(manifold_points, k))
+
+
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict[str, float]:
   """{'precision', 'recall'} of fake features [M, D] against real features [N, D]."""
   if len(real) <= k or len(fake) <= k:
     raise ValueError(f'precision/recall with k = {k} needs more than {k} points per set, got '
                      f'{len(real)} real and {len(fake)} generated.')
-  precision = neighbours.fraction_covered(fake, real, knn_radii(real, k))
-  recall = neighbours.fraction_covered(real, fake, knn_radii(fake, k))
-  return {'precision': precision, 'recall': recall}
+  return {'precision': float(np.mean(inside(fake, real, k))),
+          'recall': float(np.mean(inside(real, fake, k)))}

@@ -27,9 +27,14 @@ def nearest_neighbour_ratios(samples: np.ndarray,
   return ratio, idx[:, 0]
 
 
+def summarize_ratios(ratio: np.ndarray, threshold: float = THRESHOLD) -> dict[str, float]:
+  """{'memorized_fraction': share of ratios below threshold, 'nn_ratio_median'}."""
+  return {'memorized_fraction': float(np.mean(ratio < threshold)),
+          'nn_ratio_median': float(np.median(ratio))}
+
+
 def memorization_metrics(samples: np.ndarray, train: np.ndarray,
                          threshold: float = THRESHOLD) -> dict[str, float]:
   """{'memorized_fraction': share of samples with ratio < threshold, 'nn_ratio_median'}."""
   ratio, _ = nearest_neighbour_ratios(samples, train)
-  return {'memorized_fraction': float(np.mean(ratio < threshold)),
-          'nn_ratio_median': float(np.median(ratio))}
+  return summarize_ratios(ratio, threshold)

@@ -77,21 +77,27 @@ def _covered(q, keys, radii, valid):
   return jnp.any((d <= radii[None, :] ** 2) & valid[None, :], axis=1)
 
 
-def fraction_covered(queries: np.ndarray, keys: np.ndarray, radii: np.ndarray,
-                     chunk: int = CHUNK) -> float:
-  """Fraction of queries inside the union of balls B(keys_j, radii_j)."""
+def covered(queries: np.ndarray, keys: np.ndarray, radii: np.ndarray,
+            chunk: int = CHUNK) -> np.ndarray:
+  """Whether each query lies inside the union of balls B(keys_j, radii_j): [n] bool."""
   queries = np.asarray(queries, np.float32).reshape(len(queries), -1)
   keys = np.asarray(keys, np.float32).reshape(len(keys), -1)
   radii = np.asarray(radii, np.float32)
-  hits = 0
+  out = []
   for start in range(0, len(queries), chunk):
     q = queries[start:start + chunk]
-    covered = jnp.zeros((chunk,), bool)
+    hit = jnp.zeros((chunk,), bool)
     qp = jnp.asarray(_pad_rows(q, chunk))
     for kstart in range(0, len(keys), chunk):
       kc = keys[kstart:kstart + chunk]
       valid = jnp.arange(chunk) < len(kc)
-      covered |= _covered(qp, jnp.asarray(_pad_rows(kc, chunk)),
-                          jnp.asarray(_pad_rows(radii[kstart:kstart + chunk], chunk)), valid)
-    hits += int(np.sum(np.asarray(covered[:len(q)])))
-  return hits / len(queries)
+      hit |= _covered(qp, jnp.asarray(_pad_rows(kc, chunk)),
+                      jnp.asarray(_pad_rows(radii[kstart:kstart + chunk], chunk)), valid)
+    out.append(np.asarray(hit[:len(q)]))
+  return np.concatenate(out) if out else np.zeros((0,), bool)
+
+
+def fraction_covered(queries: np.ndarray, keys: np.ndarray, radii: np.ndarray,
+                     chunk: int = CHUNK) -> float:
+  """Fraction of queries inside the union of balls B(keys_j, radii_j)."""
+  return float(np.mean(covered(queries, keys, radii, chunk)))

@@ -7,8 +7,9 @@ draws config.eval.num_samples class-balanced samples and returns the metrics:
 
   fd                 Fréchet distance in the extractor's features (domain classifier or
                      Inception-v3 pool features, i.e. FID) against the reference split
-  fd_noise_std       with config.eval.fd_bootstrap > 0: FD's bootstrap std over resampled
-                     sample sets, the floor below which an FD difference is sampling noise
+  <metric>_noise_std with config.eval.fd_bootstrap > 0: each metric's spread over resampled
+                     sample sets (noise_floors), the floor below which a difference between
+                     two evaluations is sampling noise
   fd_train           with a training subset (config.data.subset_per_class): FD against the
                      subset's images, the data-limited regime's sign of reproduction
   accuracy           the domain classifier's accuracy on the samples' own labels
@@ -44,6 +45,9 @@ from pafm_jax.sampling import grids
 
 # Precision/recall cost grows with the product of the set sizes: both sets are capped.
 PR_MAX_POINTS = 10_000
+# Halves of the samples behind recall's noise floor: each costs a precision/recall computation
+# (seconds at 5 000 samples), and 20 give its std to about ±16 %.
+RECALL_HALVES = 20
 
 
 # --------------------------------------------------------------------- feature extractors
@@ -201,22 +205,63 @@ def compute_metrics(config: ml_collections.ConfigDict, images: np.ndarray, label
   if train_reference is not None:
     metrics['fd_train'] = frechet.frechet_distance(mu, sigma, train_reference.mu,
                                                    train_reference.sigma)
-  if config.eval.fd_bootstrap:
-    metrics['fd_noise_std'] = statistics.fd_noise_floor(
-        feats, reference.mu, reference.sigma, num_resamples=config.eval.fd_bootstrap)['std']
+  per_sample = {}   # what each metric is computed from, for its noise floor
   if logits is not None:
-    metrics['accuracy'] = float(np.mean(np.argmax(logits, -1) == labels))
+    per_sample['accuracy'] = np.argmax(logits, -1) == labels
+    metrics['accuracy'] = float(np.mean(per_sample['accuracy']))
   if reference.features is not None:
-    metrics.update(manifold.precision_recall(reference.features[:PR_MAX_POINTS],
-                                             feats[:PR_MAX_POINTS], config.eval.pr_neighbours))
+    real, fake = reference.features[:PR_MAX_POINTS], feats[:PR_MAX_POINTS]
+    k = config.eval.pr_neighbours
+    per_sample['precision'] = manifold.inside(fake, real, k)
+    metrics['precision'] = float(np.mean(per_sample['precision']))
+    metrics['recall'] = float(np.mean(manifold.inside(real, fake, k)))
   if train_images is not None:
-    metrics.update(memorization.memorization_metrics(
-        images, train_images, config.eval.memorization_threshold))
+    ratio, _ = memorization.nearest_neighbour_ratios(images, train_images)
+    metrics.update(memorization.summarize_ratios(ratio, config.eval.memorization_threshold))
+    per_sample['ratio'] = ratio
+  if config.eval.fd_bootstrap:
+    metrics.update(noise_floors(config, feats, per_sample, reference, train_reference))
   if towers is not None and caption_vectors is not None:
     metrics['alignment'] = float(np.mean(np.sum(
         towers.image(images) * towers.text(caption_vectors), axis=-1)))
     metrics['alignment_real'] = float(towers.info['test_alignment'])
   return metrics
+
+
+def noise_floors(config: ml_collections.ConfigDict, feats: np.ndarray,
+                 per_sample: dict[str, np.ndarray], reference: Reference,
+                 train_reference: Reference | None) -> dict[str, float]:
+  """'<metric>_noise_std': how much each metric moves from the choice of the N samples alone,
+  the floor below which a difference between two evaluations says nothing.
+
+  Bootstrap over the samples (config.eval.fd_bootstrap resamples) for the metrics that are a
+  function of per-sample values (FD of the features; accuracy, precision and memorisation of
+  per-sample indicators; the median NN ratio); recall, whose generated manifold is built from
+  the samples' own k-NN radii, from halves of the samples instead
+  (statistics.half_sample_spread).
+  """
+  resamples = config.eval.fd_bootstrap
+  out = {'fd_noise_std': statistics.fd_noise_floor(
+      feats, reference.mu, reference.sigma, num_resamples=resamples)['std']}
+  if train_reference is not None:
+    out['fd_train_noise_std'] = statistics.fd_noise_floor(
+        feats, train_reference.mu, train_reference.sigma, num_resamples=resamples)['std']
+  for name in ('accuracy', 'precision'):
+    if name in per_sample:
+      out[f'{name}_noise_std'] = statistics.bootstrap(
+          np.mean, per_sample[name].astype(np.float64), num_resamples=resamples)['std']
+  if reference.features is not None:
+    real, k = reference.features[:PR_MAX_POINTS], config.eval.pr_neighbours
+    out['recall_noise_std'] = statistics.half_sample_spread(
+        lambda fake: float(np.mean(manifold.inside(real, fake, k))),
+        feats[:PR_MAX_POINTS], num_resamples=RECALL_HALVES)['std']
+  if 'ratio' in per_sample:
+    threshold = config.eval.memorization_threshold
+    for name in ('memorized_fraction', 'nn_ratio_median'):
+      out[f'{name}_noise_std'] = statistics.bootstrap(
+          lambda r, name=name: memorization.summarize_ratios(r, threshold)[name],
+          per_sample['ratio'], num_resamples=resamples)['std']
+  return out
 
 
 class Evaluator:
@@ -344,7 +389,7 @@ def format_table(result: dict[str, Any]) -> str:
           ('samples', str(result['num_samples'])),
           ('sampler', result['sampler_tag']),
           ('features', f'{result["features"]["kind"]} ({result["features"]["fingerprint"]})')]
-  names = {'fd': 'Fréchet distance', 'fd_noise_std': 'FD sampling noise (bootstrap sd)',
+  names = {'fd': 'Fréchet distance',
            'fd_train': 'Fréchet distance to the training subset',
            'accuracy': 'conditional accuracy',
            'precision': 'precision (k-NN)', 'recall': 'recall (k-NN)',
@@ -352,9 +397,12 @@ def format_table(result: dict[str, Any]) -> str:
            'nn_ratio_median': 'median NN ratio', 'nfe': 'NFE per sample',
            'alignment': 'image–caption cosine (LiT)',
            'alignment_real': 'image–caption cosine of real test pairs'}
+  metrics = result['metrics']
   for key, name in names.items():
-    if key in result['metrics']:
-      rows.append((name, f'{result["metrics"][key]:.4f}'))
+    if key in metrics:
+      noise = metrics.get(f'{key}_noise_std')
+      rows.append((name, f'{metrics[key]:.4f}' + (
+          f' ± {noise:.4f} (sampling noise sd)' if noise is not None else '')))
   width = max(len(r[0]) for r in rows)
   return '\n'.join(f'{a:<{width}}  {b}' for a, b in rows)
 
