@@ -67,6 +67,10 @@ def test_every_reader_of_the_training_split_sees_the_subset(fmnist_tfds_dir, tmp
   # The test split is whole: the subset is drawn from the training split alone.
   test = pipeline.load_source(config.data, 'test')
   assert len(test) == 10_000 and not isinstance(test, pipeline.ClassBalancedSubset)
+  # Disjoint by content too: no subset image is byte-identical to a test image (FD vs test
+  # would otherwise reward reproducing the training set).
+  test_images = {test[i]['image'].tobytes() for i in range(len(test))}
+  assert not any(subset[i]['image'].tobytes() in test_images for i in range(len(subset)))
 
 
 @pytest.mark.slow
