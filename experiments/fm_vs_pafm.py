@@ -1,6 +1,6 @@
 """FM against PAFM (in-batch and stratified) and StableVM on Fashion-MNIST, at equal budgets.
 
-  python -m experiments.fm_vs_pafm --workdir=runs/fm_vs_pafm          # reduced: this 2-core CPU
+  python -m experiments.fm_vs_pafm --workdir=runs/fm_vs_pafm          # 2-core CPU: ≈ 7 h
   python -m experiments.fm_vs_pafm --workdir=runs/fm_vs_pafm_full --full   # GPU/TPU budget
 
 Every method trains the same model with the same data pipeline (configs/fmnist_sit.py; any
@@ -103,14 +103,15 @@ class Budget:
   memorization_max_train: int  # training images searched for the nearest ones (0: all)
 
 
-# Sized on this project's 2-core CPU (docs/experiments.md "FM vs PAFM experiment" has the
-# timings): the 12 runs of 4 methods × 3 seeds, evaluations included, in under an hour.
-# Stratified PAFM's retrieval worker shares the two cores with the step, which makes its runs
-# the longest.
-# Euler 16 came within 3 FD of SiT's dopri5 (64 NFE) on the default model at a quarter of the
-# velocity calls (docs/evaluation.md "FD against NFE").
-REDUCED = Budget(steps=400, eval_every=100, eval_samples=1_000, seeds=(0, 1, 2),
-                 sampler='euler', sampler_steps=16, memorization_max_train=0)
+# The budget that can decide, sized on this project's 2-core CPU (docs/experiments.md "FM vs
+# PAFM experiment" has its timings: 33–37 min a run alone, 12 runs ≈ 7 h). 400 steps and 1 000
+# samples could not tell the objectives apart: the models were far from the regime where the
+# target's variance limits them, and FD's sampling noise was the size of the effect. At the
+# default job's 2 000 steps (batch 128) with 5 000 samples, FD's noise floor is ≈ 0.5.
+# Euler 32 came within 1.6 FD of SiT's dopri5 (64 NFE) on the default model at half its NFE
+# (docs/evaluation.md "FD against NFE").
+REDUCED = Budget(steps=2_000, eval_every=500, eval_samples=5_000, seeds=(0, 1, 2),
+                 sampler='euler', sampler_steps=32, memorization_max_train=0)
 # An accelerator's budget: 10× the default job's steps, 10 K samples per evaluation (the
 # --mode=eval default) with its Heun 32 sampler (64 NFE), 5 seeds.
 FULL = Budget(steps=20_000, eval_every=2_000, eval_samples=10_000, seeds=(0, 1, 2, 3, 4),
