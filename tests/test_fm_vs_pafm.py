@@ -146,6 +146,10 @@ def test_finished_runs_are_skipped_and_aggregated_like_numpy(tmp_path, monkeypat
       np.testing.assert_allclose(saved['fd_minus_fm'][m]['mean'], diff.mean(), rtol=1e-12)
       np.testing.assert_allclose(saved['fd_minus_fm'][m]['std'], diff.std(ddof=1), rtol=1e-12)
 
+  # Convergence targets: the FD FM reaches at each checkpoint after the first.
+  fm_40 = np.mean([runs[('fm', s)]['40']['fd'] for s in seeds])
+  assert [(c['fm_step'], c['target']) for c in saved['convergence']] == [(40, pytest.approx(fm_40))]
+
   # The table shows the final checkpoint's numbers as numpy formats them.
   table = (tmp_path / 'results.md').read_text()
   fd = np.array([runs[('stablevm', s)]['40']['fd'] for s in seeds])
