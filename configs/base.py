@@ -240,7 +240,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.reference_stats = ''      # ADM-style .npz (mu, sigma or arr_0) for 'inception'
   c.eval.decoder = ''              # 'module:function' mapping latents to images in [-1, 1]
   c.eval.pr_neighbours = 3         # k of the k-NN manifolds (Kynkäänniemi et al. 2019)
-  c.eval.fd_bootstrap = 0          # resamples of FD's sampling-noise floor (0: not computed)
+  c.eval.fd_bootstrap = 0          # resamples of every metric's sampling-noise floor (0: none)
   c.eval.memorization = True       # nearest / second-nearest training image distance ratio
   c.eval.memorization_threshold = 1 / 3
   c.eval.memorization_max_train = 0  # 0: the whole train split

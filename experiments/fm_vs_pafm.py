@@ -16,9 +16,10 @@ Writes into --workdir:
   results.md        mean ± std over seeds per method at the last checkpoint, each metric's
                     sampling-noise floor, every metric paired with FM's seed by seed (95 %
                     intervals), FD at every checkpoint (also paired), and the steps each
-                    method needs to reach FM's final FD
+                    method needs to reach the FD FM reaches at each of its checkpoints
   results.json      the settings, every run's raw metrics and timings, and the summary
-  fd_vs_steps.png   FD against training steps, mean and a ± std band per method
+  fd_vs_steps.png   FD against training steps (mean and a ± std band per method) beside FD − FM
+                    paired by seed with its 95 % intervals and FD's sampling-noise band
   retrieval_index/  the ScaNN index of the training set, built once for stratified PAFM
   runs/<method>_seed<s>/   each run's train workdir, plus spec.json (its config),
                     evals.json (metrics per evaluated step, cached as they come) and
@@ -85,7 +86,7 @@ METRICS = (
 # evaluations made before every metric carried a bootstrap floor.
 SHARES = ('accuracy', 'precision', 'memorized_fraction')
 # Every seed's checkpoints are sampled from this one noise stream, so the FD differences
-# between methods and between steps are not sampling noise.
+# between methods and between steps carry less sampling noise than independent draws would.
 EVAL_STREAM = 0xE7A1
 # Resamples of each evaluation's FD noise floor (pafm_jax/evaluation/statistics.py).
 FD_BOOTSTRAP = 100
@@ -103,11 +104,11 @@ class Budget:
   memorization_max_train: int  # training images searched for the nearest ones (0: all)
 
 
-# The budget that can decide, sized on this project's 2-core CPU (docs/experiments.md "FM vs
-# PAFM experiment" has its timings: 33–37 min a run alone, 12 runs ≈ 7 h). 400 steps and 1 000
+# The budget that can decide, sized on this project's 2-core CPU: 33–37 min a run alone (about
+# 15 min of training, four evaluations of 4–5 min), 12 runs ≈ 7 h. 400 steps and 1 000
 # samples could not tell the objectives apart: the models were far from the regime where the
 # target's variance limits them, and FD's sampling noise was the size of the effect. At the
-# default job's 2 000 steps (batch 128) with 5 000 samples, FD's noise floor is ≈ 0.5.
+# default job's earlier 2 000 steps (batch 128) with 5 000 samples, FD's noise floor is ≈ 0.5.
 # Euler 32 came within 1.6 FD of SiT's dopri5 (64 NFE) on the default model at half its NFE
 # (docs/evaluation.md "FD against NFE").
 REDUCED = Budget(steps=2_000, eval_every=500, eval_samples=5_000, seeds=(0, 1, 2),
@@ -326,7 +327,7 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
 def markdown(results: dict) -> str:
   """results.md: the last checkpoint's metrics, each metric's sampling-noise floor, the paired
   differences to FM (every metric at the last checkpoint, FD at every checkpoint), FD at every
-  checkpoint and the steps to reach FM's final FD."""
+  checkpoint and the steps to reach the FD FM reaches at each of its checkpoints."""
   s, summary, runs = results['settings'], results['summary'], results['runs']
   last = str(s['steps'])
   seeds = ', '.join(str(x) for x in s['seeds'])
@@ -351,8 +352,11 @@ def markdown(results: dict) -> str:
 
   lines += ['', '## Sampling-noise floor of one evaluation', '',
             f'How much a metric moves when only the {s["eval_samples"]} samples change (mean over '
-            f'the runs at step {last}). A difference between two evaluations well inside ≈ 2·√2 '
-            'floors is sampling noise.', '']
+            f'the runs at step {last}). Two independent evaluations differ by more than '
+            '1.96·√2 floors 5 % of the time from the samples alone, a mean over n seed pairs by '
+            'more than 1.96·√(2/n) floors; the shared sampling noise of the sweep makes the '
+            'real floor of a paired difference lower still. A share seen 0 times in N samples '
+            'has a zero floor but a 95 % upper bound of 3/N.', '']
   rows = []
   for key, title, fmt in metrics:
     floor = noise_floor(runs, key, last, s['eval_samples'])
@@ -365,7 +369,9 @@ def markdown(results: dict) -> str:
   if paired and paired.get(last):
     lines += ['', f'## Paired by seed: method − FM at step {last}', '',
               'Mean ± std of the per-seed differences [95 % Student-t interval over seeds]. '
-              'An interval that excludes 0 is a difference the seeds agree on.', '']
+              'An interval that excludes 0 is a difference the seeds agree on; of the many '
+              'intervals below about 1 in 20 excludes 0 by chance alone, so FD at the last '
+              'checkpoint is the comparison that decides, the others describe it.', '']
     cols = [m for m in metrics if m[0] in paired[last]]
     rows = [[method] + [_pm(paired[last][k].get(method), '+' + fmt) for k, _, fmt in cols]
             for method in summary if method != 'fm']
@@ -415,6 +421,10 @@ def data_limited_markdown(sweeps: list[dict]) -> str:
     per_class = s.get('subset_per_class', 0)
     return per_class * s.get('num_classes', 10) if per_class else float('inf')
 
+  for results in sweeps:
+    if 'subset_per_class' not in results['settings']:
+      raise ValueError('a results.json without settings.subset_per_class was written by an older '
+                       'version: run that sweep\'s command again (it only re-aggregates).')
   lines = ['# The data-limited regime: FM and PAFM on class-balanced training subsets', '',
            'Each row: mean ± std over seeds at the last checkpoint (a single seed shows its '
            'value); FD vs test is against the test split, FD vs its training images against '
@@ -426,7 +436,8 @@ def data_limited_markdown(sweeps: list[dict]) -> str:
     s, summary = results['settings'], results['summary']
     last = str(s['steps'])
     images = f'{size(results):,}' if size(results) != float('inf') else 'whole split'
-    paired = results.get('paired_to_fm', {}).get(last, {})
+    paired = (all_paired_differences(results['runs'])[last]
+              if 'fm' in summary and len(summary) > 1 else {})
     for method, by_step in summary.items():
       n = sum(1 for r in results['runs'] if r['method'] == method)
       rows.append([images, method, last, str(n)]
@@ -483,13 +494,20 @@ def plot(results: dict, filename: str) -> None:
       ax.errorbar(steps, mean, yerr=[low, high], fmt='o', capsize=3, color=colors[method],
                   label=method)
     ax.axhline(0.0, color='black', linewidth=0.8)
-    floor = noise_floor(results['runs'], 'fd', str(s['steps']), s.get('eval_samples', 0))
-    if floor:
-      # Two independent evaluations differ by more than this 5 % of the time from the samples
-      # alone; the sweep's shared sampling noise makes the real floor lower still.
-      band = 1.96 * np.sqrt(2) * floor[0]
-      ax.axhspan(-band, band, color='gray', alpha=0.15,
-                 label=f'±{band:.2f}: FD sampling noise (95 %)')
+    # FD's sampling noise for a mean over n seed pairs of independent evaluations, from each
+    # checkpoint's own floor (it grows with FD); the sweep's shared sampling noise makes the
+    # real floor lower still.
+    pairs = sum(1 for r in results['runs'] if r['method'] == 'fm')
+    steps, bands = [], []
+    for step in paired:
+      floor = noise_floor(results['runs'], 'fd', step, s.get('eval_samples', 0))
+      if floor:
+        steps.append(int(step))
+        bands.append(1.96 * np.sqrt(2 / max(pairs, 1)) * floor[0])
+    if steps:
+      bands = np.array(bands)
+      ax.fill_between(steps, -bands, bands, color='gray', alpha=0.15,
+                      label=f'FD sampling noise of a mean over {pairs} seed pair(s) (95 %)')
     ax.set_xlabel('training step')
     ax.set_ylabel('FD − FM (same seed)')
     ax.set_title('paired by seed: mean and 95 % t interval')

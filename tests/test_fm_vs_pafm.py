@@ -208,6 +208,12 @@ def test_every_metric_is_paired_at_every_checkpoint_and_subsets_share_one_table(
   np.testing.assert_allclose(floor, np.mean(np.sqrt(p * (1 - p) / 500)), rtol=1e-12)
   assert how.startswith('binomial')
   assert exp.noise_floor(results['runs'], 'recall', '40', 500) is None
+  # Runs evaluated after the floors existed carry their own; the table averages those it has.
+  mixed = json.loads(json.dumps(results['runs']))
+  mixed[0]['metrics']['40']['recall_noise_std'] = 0.01
+  mixed[1]['metrics']['40']['recall_noise_std'] = 0.03
+  assert exp.noise_floor(mixed, 'recall', '40', 500) == (
+      pytest.approx(0.02), 'halves of the samples (2 of the 6 runs)')
   table = (tmp_path / 'subset_60' / 'results.md').read_text()
   assert '600 images' not in table and '60 training images per class' in table
 
@@ -222,6 +228,10 @@ def test_every_metric_is_paired_at_every_checkpoint_and_subsets_share_one_table(
   fd_train = np.array([runs[('fm', s)]['40']['fd_train'] for s in seeds])
   assert rows[0][5] == f'{fd_train.mean():.2f} ± {fd_train.std(ddof=1):.2f}'
   assert rows[3][5] == '—'   # the whole split has no subset to compare with
+  old = json.loads(json.dumps(sweeps[60][0]))
+  del old['settings']['subset_per_class']
+  with pytest.raises(ValueError, match='older version'):
+    exp.data_limited_markdown([old])
 
 
 def test_steps_to_reach_an_fd_by_linear_interpolation():

@@ -157,3 +157,15 @@ def test_noise_floors_match_closed_forms_of_per_sample_metrics():
                              share_se(np.mean(ratio < 1 / 3)), rtol=0.1)
   np.testing.assert_allclose(got['nn_ratio_median_noise_std'], 1 / (2 * math.sqrt(n)), rtol=0.15)
   assert 'recall_noise_std' not in got and 'fd_train_noise_std' not in got
+
+  # FD against the training subset resamples the same way: against the same statistics, the
+  # same floor; recall's floor comes with the real features, and is skipped when half the
+  # samples cannot hold a k-NN manifold.
+  real = rng.normal(size=(3000, 2))
+  with_all = runner.noise_floors(config, feats, {}, runner.Reference(
+      np.zeros(2), np.eye(2), real, 'N(0, I)'), reference)
+  assert with_all['fd_train_noise_std'] == with_all['fd_noise_std'] == got['fd_noise_std']
+  assert 0 < with_all['recall_noise_std'] < 0.05
+  few = runner.noise_floors(config, feats[:7], {}, runner.Reference(
+      np.zeros(2), np.eye(2), real, 'N(0, I)'), None)
+  assert 'recall_noise_std' not in few

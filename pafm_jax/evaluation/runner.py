@@ -45,8 +45,8 @@ from pafm_jax.sampling import grids
 
 # Precision/recall cost grows with the product of the set sizes: both sets are capped.
 PR_MAX_POINTS = 10_000
-# Halves of the samples behind recall's noise floor: each costs a precision/recall computation
-# (seconds at 5 000 samples), and 20 give its std to about ±16 %.
+# Halves of the samples behind recall's noise floor: each costs a recall computation (about a
+# second at 5 000 samples), and 20 give its std to about ±16 %.
 RECALL_HALVES = 20
 
 
@@ -238,7 +238,8 @@ def noise_floors(config: ml_collections.ConfigDict, feats: np.ndarray,
   function of per-sample values (FD of the features; accuracy, precision and memorisation of
   per-sample indicators; the median NN ratio); recall, whose generated manifold is built from
   the samples' own k-NN radii, from halves of the samples instead
-  (statistics.half_sample_spread).
+  (statistics.half_sample_spread). The samples are class-balanced but resampled freely, which
+  overstates the floor slightly (most for accuracy): the cautious side.
   """
   resamples = config.eval.fd_bootstrap
   out = {'fd_noise_std': statistics.fd_noise_floor(
@@ -250,8 +251,9 @@ def noise_floors(config: ml_collections.ConfigDict, feats: np.ndarray,
     if name in per_sample:
       out[f'{name}_noise_std'] = statistics.bootstrap(
           np.mean, per_sample[name].astype(np.float64), num_resamples=resamples)['std']
-  if reference.features is not None:
-    real, k = reference.features[:PR_MAX_POINTS], config.eval.pr_neighbours
+  real, k = reference.features, config.eval.pr_neighbours
+  if real is not None and len(feats[:PR_MAX_POINTS]) // 2 > k:  # a half's own k-NN manifold
+    real = real[:PR_MAX_POINTS]
     out['recall_noise_std'] = statistics.half_sample_spread(
         lambda fake: float(np.mean(manifold.inside(real, fake, k))),
         feats[:PR_MAX_POINTS], num_resamples=RECALL_HALVES)['std']
