@@ -104,6 +104,33 @@ def test_readers_see_the_scaled_mean_and_the_stored_pixels(latent_config):
                                                   {'data.latents_dir': ''}).data)
 
 
+def test_a_shifted_dataset_is_read_centred_and_decoded_back(latent_config, tmp_path):
+  """SD3/FLUX-style latents record a shift: readers see s·(mean − shift), and the decoder
+  undoes both, so decoding what the model sees gives the VAE's decoding of the stored mean."""
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  from pafm_jax.models import vae  # pylint: disable=g-import-not-at-top
+  from pafm_jax.sampling import decoding  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path / 'shifted')
+  shutil.copytree(latent_config.data.latents_dir, root)
+  meta_path = os.path.join(root, latents.METADATA_FILE)
+  meta = json.loads(open(meta_path).read())
+  meta['encoder']['shift_factor'] = 0.37
+  with open(meta_path, 'w') as f:
+    json.dump(meta, f)
+  config = apply_overrides(latent_config.copy_and_resolve_references(),
+                           {'data.latents_dir': root, 'data.decoder': VAE_DIR})
+  src, rows, scale = _moments(config)
+  batch = pipeline.batch_reader(pipeline.load_source(config.data), (7, 7, 4))(np.arange(8))
+  np.testing.assert_allclose(batch['image'],
+                             (rows['mean'][:8] - np.float32(0.37)) * np.float32(scale),
+                             rtol=1e-6, atol=1e-6)
+  decoded = decoding.latent_decoder(config, required=True)(batch['image'])
+  expected = np.clip(np.asarray(vae.load_vae(VAE_DIR).decode(rows['mean'][:8])), -1, 1)
+  np.testing.assert_allclose(decoded, expected, rtol=1e-4, atol=1e-4)
+  assert src.metadata['encoder']['shift_factor'] == 0.37
+
+
 @pytest.mark.slow
 def test_repa_step_on_latents_reads_the_stored_pixels(latent_config, tmp_path):
   """VA-REPA on latents: the classifier's features come from the pixels beside the latents,
