@@ -431,14 +431,17 @@ def data_limited_markdown(sweeps: list[dict]) -> str:
            'the subset the run trained on, memorisation against that subset too. The '
            'difference rows are method − FM paired by seed [95 % interval with ≥ 2 seeds].', '']
   head = ['training images', 'method', 'steps', 'seeds'] + [t for _, t, _ in DATA_LIMITED]
+  # The methods every sweep ran (the whole-split sweep may hold more).
+  shared = [m for m in sweeps[0]['summary'] if all(m in r['summary'] for r in sweeps)]
   rows = []
   for results in sorted(sweeps, key=size):
     s, summary = results['settings'], results['summary']
     last = str(s['steps'])
     images = f'{size(results):,}' if size(results) != float('inf') else 'whole split'
-    paired = (all_paired_differences(results['runs'])[last]
-              if 'fm' in summary and len(summary) > 1 else {})
-    for method, by_step in summary.items():
+    paired = (all_paired_differences([r for r in results['runs'] if r['method'] in shared])[last]
+              if 'fm' in shared and len(shared) > 1 else {})
+    for method in shared:
+      by_step = summary[method]
       n = sum(1 for r in results['runs'] if r['method'] == method)
       rows.append([images, method, last, str(n)]
                   + [_pm(by_step[last].get(k), fmt) for k, _, fmt in DATA_LIMITED])
