@@ -96,8 +96,3 @@ def covered(queries: np.ndarray, keys: np.ndarray, radii: np.ndarray,
     out.append(np.asarray(hit[:len(q)]))
   return np.concatenate(out) if out else np.zeros((0,), bool)
 
-
-def fraction_covered(queries: np.ndarray, keys: np.ndarray, radii: np.ndarray,
-                     chunk: int = CHUNK) -> float:
-  """Fraction of queries inside the union of balls B(keys_j, radii_j)."""
-  return float(np.mean(covered(queries, keys, radii, chunk)))
