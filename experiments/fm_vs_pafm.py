@@ -36,6 +36,15 @@ size, then one table over them:
 A killed sweep continues where it stopped when started again with the same flags: training
 resumes from the run's latest checkpoint and evaluated checkpoints are not evaluated again.
 Starting it with other settings in the same workdir is refused.
+
+A sweep longer than one machine's lease (a preemptible VM, a time-limited session) keeps its
+finished runs in --records, a small directory that can be committed or copied to a bucket:
+each finished run's spec.json, evals.json and result.json, plus the tables and the plot. A
+run found there is not trained again (its settings are still checked), so the sweep can go on
+from any machine with an empty --workdir:
+
+  python -m experiments.fm_vs_pafm --workdir=/tmp/fm_vs_pafm \
+      --records=experiments/results/fm_vs_pafm_2000 --seeds=2
 """
 
 from __future__ import annotations
@@ -141,6 +150,9 @@ def _define_flags() -> None:
                     'Instead of training: workdirs of finished sweeps that differ in their '
                     'training subset (--config.data.subset_per_class); writes their joint '
                     'table to --workdir/data_limited.md.')
+  flags.DEFINE_string('records', None,
+                      'A directory that keeps every finished run\'s record (spec, metrics) and '
+                      'the tables, and whose runs are not trained again; small enough to commit.')
   flags.DEFINE_integer('memorization_max_train', None,
                        'Training images searched by the memorisation metric (0: all).')
   flags.mark_flags_as_required(['workdir'])
@@ -557,6 +569,30 @@ def with_new_defaults(saved: Any, current: Any, defaults: Any) -> Any:
   return filled
 
 
+def _without_local_paths(spec: dict) -> dict:
+  """The spec without where this machine keeps the sweep's retrieval index: the index is a
+  function of the training data (its key and ScaNN settings are compared), so a run recorded
+  on one machine stays valid for a sweep continued on another."""
+  spec = json.loads(json.dumps(spec))
+  spec.get('config', {}).get('retrieval', {}).pop('index_dir', None)
+  return spec
+
+
+RECORD_FILES = ('spec.json', 'evals.json', 'result.json')
+SWEEP_FILES = ('results.json', 'results.md', 'fd_vs_steps.png')
+
+
+def _copy_files(source: str, target: str, names: tuple[str, ...]) -> None:
+  """Copies those of `names` that exist; each lands under a temporary name first, so a
+  failure never leaves a truncated record that a later sweep would take as finished."""
+  os.makedirs(target, exist_ok=True)
+  for name in names:
+    if os.path.exists(os.path.join(source, name)):
+      partial = os.path.join(target, f'.{name}.partial')
+      shutil.copyfile(os.path.join(source, name), partial)
+      os.replace(partial, os.path.join(target, name))
+
+
 def _first_difference(a: Any, b: Any, prefix: str = '') -> str:
   if isinstance(a, dict) and isinstance(b, dict):
     for k in sorted(set(a) | set(b)):
@@ -612,10 +648,12 @@ def run_one(config: ml_collections.ConfigDict, method: str, budget: Budget, work
           'config': _json_normal(config)}
   if os.path.exists(spec_path):
     defaults = {'config': _json_normal(base_config.get_config())}
-    saved = with_new_defaults(_read_json(spec_path), spec, defaults)
-    if saved != spec:
+    saved = with_new_defaults(_without_local_paths(_read_json(spec_path)),
+                              _without_local_paths(spec), defaults)
+    if saved != _without_local_paths(spec):
       raise ValueError(f'{workdir} holds a run with other settings '
-                       f'({_first_difference(saved, spec)}); use a new --workdir.')
+                       f'({_first_difference(saved, _without_local_paths(spec))}); '
+                       'use a new --workdir.')
   else:
     _write_json(spec_path, spec)
   result_path = os.path.join(workdir, 'result.json')
@@ -663,10 +701,13 @@ def run_one(config: ml_collections.ConfigDict, method: str, budget: Budget, work
 
 
 def sweep(base: ml_collections.ConfigDict, budget: Budget, methods: list[str], workdir: str, *,
-          log: Callable[[str], None] = print, score: Callable | None = None) -> dict:
+          log: Callable[[str], None] = print, score: Callable | None = None,
+          records: str | None = None) -> dict:
   """Runs (or skips, when finished) every method × seed, then writes the tables and plot.
 
   Seed-major order: a sweep stopped early still compares every method on its first seeds.
+  `records`: a directory mirroring each finished run's record (RECORD_FILES) and the sweep's
+  tables (SWEEP_FILES); a run recorded there is taken as finished.
   """
   for m in methods:
     method_config(base, m)   # an unknown method fails before any training
@@ -681,11 +722,17 @@ def sweep(base: ml_collections.ConfigDict, budget: Budget, methods: list[str], w
   runs, spent = [], []
   for i, (seed, method) in enumerate(plan):
     run_dir = os.path.join(workdir, 'runs', f'{method}_seed{seed}')
+    record_dir = os.path.join(records, 'runs', f'{method}_seed{seed}') if records else None
+    if (record_dir and os.path.exists(os.path.join(record_dir, 'result.json'))
+        and not os.path.exists(os.path.join(run_dir, 'result.json'))):
+      _copy_files(record_dir, run_dir, RECORD_FILES)
     finished = os.path.exists(os.path.join(run_dir, 'result.json'))
     log(f'[{i + 1}/{len(plan)}] {method}, seed {seed}: '
         f'{"finished earlier, skipped" if finished else "training"}')
     t0 = time.time()
     runs.append(run_one(configs[(seed, method)], method, budget, run_dir, score, log))
+    if record_dir:
+      _copy_files(run_dir, record_dir, RECORD_FILES)
     if not finished:
       spent.append(time.time() - t0)
       left = sum(1 for s, m in plan[i + 1:]
@@ -727,6 +774,9 @@ def sweep(base: ml_collections.ConfigDict, budget: Budget, methods: list[str], w
   plot(results, os.path.join(workdir, 'fd_vs_steps.png'))
   log(table)
   log(f'wrote results.md, results.json and fd_vs_steps.png to {workdir}')
+  if records:
+    _copy_files(workdir, records, SWEEP_FILES)
+    log(f'and the runs\' records with them to {records}')
   return results
 
 
@@ -760,7 +810,7 @@ def main(argv):
     log(f'wrote {os.path.join(FLAGS.workdir, "data_limited.md")}')
     return
   log(f'budget {budget}, methods {FLAGS.methods}')
-  sweep(FLAGS.config, budget, FLAGS.methods, FLAGS.workdir, log=log)
+  sweep(FLAGS.config, budget, FLAGS.methods, FLAGS.workdir, log=log, records=FLAGS.records)
 
 
 if __name__ == '__main__':

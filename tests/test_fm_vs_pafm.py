@@ -165,6 +165,49 @@ def test_finished_runs_are_skipped_and_aggregated_like_numpy(tmp_path, monkeypat
               methods, str(tmp_path), log=lines.append, score=_refuse)
 
 
+def test_a_sweep_continues_from_its_records_on_another_machine(tmp_path, monkeypatch):
+  """Runs finished under one workdir are mirrored into --records; a sweep with an empty
+  workdir elsewhere (its retrieval index at another path) takes them as finished and gives
+  the same tables, and a record with other settings is refused."""
+  methods, seeds = ['fm', 'pafm_stratified'], (0, 1)
+  budget = exp.resolve_budget(False, steps=20, eval_every=10, seeds=seeds)
+  rng = np.random.default_rng(0)
+  drawn = {}
+
+  def score(workdir, step, seed):
+    metrics = {'fd': float(rng.uniform(10, 100)), 'accuracy': float(rng.uniform()),
+               'precision': float(rng.uniform()), 'recall': float(rng.uniform()),
+               'memorized_fraction': 0.0, 'nn_ratio_median': 0.9, 'nfe': 16.0}
+    drawn[(os.path.basename(workdir), str(step))] = metrics
+    return metrics, {'sample': 1.0}, 'fp'
+
+  records = str(tmp_path / 'records')
+  monkeypatch.setattr(train, 'train_and_evaluate', lambda config, workdir: None)
+  first = exp.sweep(fmnist_sit.get_config(), budget, methods, str(tmp_path / 'machine_a'),
+                    log=lambda _: None, score=score, records=records)
+  for seed in seeds:
+    for m in methods:
+      record = os.path.join(records, 'runs', f'{m}_seed{seed}')
+      assert sorted(os.listdir(record)) == sorted(exp.RECORD_FILES)   # no partial files
+      saved = json.loads(open(os.path.join(record, 'result.json')).read())
+      assert saved['metrics'] == {k: v for (run, k), v in drawn.items()
+                                  if run == f'{m}_seed{seed}'}
+  assert sorted(os.listdir(records)) == sorted(('runs',) + exp.SWEEP_FILES)
+
+  monkeypatch.setattr(train, 'train_and_evaluate', _refuse)
+  lines = []
+  second = exp.sweep(fmnist_sit.get_config(), budget, methods, str(tmp_path / 'machine_b'),
+                     log=lines.append, score=_refuse, records=records)
+  assert sum('finished earlier, skipped' in line for line in lines) == 4
+  assert second['summary'] == first['summary']
+  assert second['paired_to_fm'] == first['paired_to_fm']
+
+  longer = exp.resolve_budget(False, steps=30, eval_every=10, seeds=seeds)
+  with pytest.raises(ValueError, match='other settings'):
+    exp.sweep(fmnist_sit.get_config(), longer, methods, str(tmp_path / 'machine_c'),
+              log=lambda _: None, score=_refuse, records=records)
+
+
 def test_every_metric_is_paired_at_every_checkpoint_and_subsets_share_one_table(tmp_path,
                                                                                 monkeypatch):
   """Paired differences (and their t intervals) of every metric at every checkpoint against a
