@@ -352,8 +352,11 @@ def markdown(results: dict) -> str:
       f'on {s["eval_samples"]} class-balanced samples of its EMA weights, {s["sampler"]} '
       f'{s["sampler_steps"]} steps ({s["nfe"]} NFE), CFG {s["cfg_scale"]} on t ∈ '
       f'{tuple(s["guidance_interval"])}; features {", ".join(s["fingerprints"])}. '
-      'Mean ± sample std (ddof = 1) over seeds.', '',
-      f'## At the last checkpoint (step {last})', '']
+      'Mean ± sample std (ddof = 1) over seeds.', '']
+  if len(s['fingerprints']) > 1:
+    lines += ['**Warning: these runs were scored with different classifiers, so their FDs are '
+              'in different feature spaces and do not compare.**', '']
+  lines += [f'## At the last checkpoint (step {last})', '']
   metrics = [m for m in METRICS if m[0] in next(iter(summary.values()))[last]]
   rows = []
   for method, by_step in summary.items():
@@ -570,11 +573,14 @@ def with_new_defaults(saved: Any, current: Any, defaults: Any) -> Any:
 
 
 def _without_local_paths(spec: dict) -> dict:
-  """The spec without where this machine keeps the sweep's retrieval index: the index is a
-  function of the training data (its key and ScaNN settings are compared), so a run recorded
-  on one machine stays valid for a sweep continued on another."""
+  """The spec without where this machine keeps the sweep's retrieval index and classifier: the
+  index is a function of the training data (its key and ScaNN settings are compared), so a
+  run recorded on one machine stays valid for a sweep continued on another."""
   spec = json.loads(json.dumps(spec))
   spec.get('config', {}).get('retrieval', {}).pop('index_dir', None)
+  # Which classifier scored a run is recorded as its features' fingerprint, and the sweep
+  # refuses to mix fingerprints: where the classifier is stored does not matter.
+  spec.get('config', {}).get('eval', {}).pop('classifier_dir', None)
   return spec
 
 
@@ -605,10 +611,26 @@ class Scorer:
   """The evaluation shared by every run (one model, one sampler), built on first use so a
   sweep whose runs are all finished needs neither the classifier nor a compiled sampler."""
 
-  def __init__(self, config: ml_collections.ConfigDict, log: Callable[[str], None]):
+  def __init__(self, config: ml_collections.ConfigDict, log: Callable[[str], None],
+               features: set[str] | frozenset[str] = frozenset()):
     self.config = config
     self.log = log
+    self.features = set(features)   # the fingerprints the finished runs were scored with
     self._built = None
+
+  def check_features(self) -> None:
+    """Builds the evaluation and refuses a classifier other than the finished runs' one:
+    FDs in different feature spaces cannot be compared, and retraining the classifier on
+    another machine need not reproduce its weights."""
+    if self._built is None:
+      self._build()
+    fingerprint = self._built[0].extractor.fingerprint
+    if self.features and fingerprint not in self.features:
+      raise ValueError(
+          f'the finished runs were scored with features {sorted(self.features)}, but the '
+          f'classifier at hand has {fingerprint}. Give the sweep the classifier they used '
+          '(--config.eval.classifier_dir; --records keeps it in <records>/classifier), or '
+          'start a new sweep.')
 
   def _build(self):
     from pafm_jax.evaluation import classifier as classifier_lib  # pylint: disable=g-import-not-at-top
@@ -630,7 +652,7 @@ class Scorer:
   def __call__(self, workdir: str, step: int, seed: int) -> tuple[dict, dict, str]:
     """(metrics, seconds, feature fingerprint) of checkpoint `step` of the run in workdir."""
     if self._built is None:
-      self._build()
+      self.check_features()
     evaluator, abstract = self._built
     params, _ = checkpointing.restore_params(workdir, abstract,
                                              use_ema=self.config.sample.use_ema, step=step)
@@ -700,6 +722,20 @@ def run_one(config: ml_collections.ConfigDict, method: str, budget: Budget, work
   return result
 
 
+def _restore_records(run_dirs: dict, records: str | None) -> set[str]:
+  """Copies the runs finished in `records` into their run directories (where not finished
+  there already); returns the feature fingerprints the finished runs were scored with."""
+  features = set()
+  for (seed, method), run_dir in run_dirs.items():
+    record_dir = os.path.join(records, 'runs', f'{method}_seed{seed}') if records else None
+    if (record_dir and os.path.exists(os.path.join(record_dir, 'result.json'))
+        and not os.path.exists(os.path.join(run_dir, 'result.json'))):
+      _copy_files(record_dir, run_dir, RECORD_FILES)
+    if os.path.exists(os.path.join(run_dir, 'result.json')):
+      features.update(_read_json(os.path.join(run_dir, 'result.json')).get('fingerprint', []))
+  return features
+
+
 def sweep(base: ml_collections.ConfigDict, budget: Budget, methods: list[str], workdir: str, *,
           log: Callable[[str], None] = print, score: Callable | None = None,
           records: str | None = None) -> dict:
@@ -716,16 +752,23 @@ def sweep(base: ml_collections.ConfigDict, budget: Budget, methods: list[str], w
     # One retrieval index for the whole sweep: it depends on the data, not on the run.
     base = base.copy_and_resolve_references()
     base.retrieval.index_dir = os.path.join(os.path.abspath(workdir), 'retrieval_index')
+  if records and base.eval.features == 'classifier' and not base.eval.classifier_dir:
+    # The domain classifier defines FD's feature space, so it is kept with the records: a
+    # sweep continued on another machine scores in the same space.
+    base = base.copy_and_resolve_references()
+    base.eval.classifier_dir = os.path.join(os.path.abspath(records), 'classifier')
   plan = [(seed, m) for seed in budget.seeds for m in methods]
   configs = {(seed, m): run_config(base, m, seed, budget) for seed, m in plan}
-  score = score or Scorer(configs[plan[0]], log)
+  run_dirs = {(seed, m): os.path.join(workdir, 'runs', f'{m}_seed{seed}') for seed, m in plan}
+  features = _restore_records(run_dirs, records)
+  score = score or Scorer(configs[plan[0]], log, features)
+  if isinstance(score, Scorer) and features and any(
+      not os.path.exists(os.path.join(d, 'result.json')) for d in run_dirs.values()):
+    score.check_features()   # before any training, not after the first run
   runs, spent = [], []
   for i, (seed, method) in enumerate(plan):
-    run_dir = os.path.join(workdir, 'runs', f'{method}_seed{seed}')
+    run_dir = run_dirs[(seed, method)]
     record_dir = os.path.join(records, 'runs', f'{method}_seed{seed}') if records else None
-    if (record_dir and os.path.exists(os.path.join(record_dir, 'result.json'))
-        and not os.path.exists(os.path.join(run_dir, 'result.json'))):
-      _copy_files(record_dir, run_dir, RECORD_FILES)
     finished = os.path.exists(os.path.join(run_dir, 'result.json'))
     log(f'[{i + 1}/{len(plan)}] {method}, seed {seed}: '
         f'{"finished earlier, skipped" if finished else "training"}')

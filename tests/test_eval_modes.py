@@ -53,6 +53,18 @@ def test_classifier_save_load_and_fingerprint(tiny_run):
     classifier.load(str(config.eval.classifier_dir) + '_missing')
 
 
+
+def test_a_classifier_loads_from_a_relative_path(tiny_run, monkeypatch):
+  """A sweep's records keep their classifier inside the repository, named relative to it."""
+  config, _, info = tiny_run
+  directory = os.path.abspath(config.eval.classifier_dir)
+  monkeypatch.chdir(os.path.dirname(directory))
+  relative = classifier.load(os.path.basename(directory))
+  assert relative.fingerprint == info['fingerprint']
+  np.testing.assert_array_equal(relative.params['head']['kernel'],
+                                classifier.load(directory).params['head']['kernel'])
+
+
 def test_sample_mode_writes_grid_and_npz(tiny_run):
   config, workdir, _ = tiny_run
   trained_with = (workdir / 'config.json').read_text()

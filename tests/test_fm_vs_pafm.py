@@ -1,6 +1,7 @@
 """The FM-vs-PAFM sweep: method configs, checkpoint plan, aggregation against numpy, skipping
 of finished runs, resumption of an interrupted evaluation, and one tiny real run."""
 
+import dataclasses
 import json
 import os
 
@@ -358,9 +359,9 @@ def test_a_run_saved_before_a_config_field_existed_resumes_only_at_its_default(t
 
 
 @pytest.mark.slow
-def test_tiny_sweep_end_to_end(fmnist_tfds_dir, tmp_path):
+def test_tiny_sweep_end_to_end(fmnist_tfds_dir, tmp_path, monkeypatch):
   """FM and stratified PAFM (exact retrieval), one seed, 2 steps: real training,
-  checkpoints 1 and 2 scored."""
+  checkpoints 1 and 2 scored; continuing it with another classifier is refused."""
   # The smallest model, data-parallel only: compilation is most of this test's time.
   base = tiny_config(fmnist_tfds_dir, **{
       'model.name': 'SiT-P/4', 'mesh.fsdp': 1, 'retrieval.backend': 'exact',
@@ -389,3 +390,14 @@ def test_tiny_sweep_end_to_end(fmnist_tfds_dir, tmp_path):
   assert os.path.isdir(tmp_path / 'sweep' / 'retrieval_index')
   assert not os.path.exists(tmp_path / 'sweep' / 'runs' / 'pafm_stratified_seed0' /
                             'retrieval_index')
+
+  # A seed added later, with a classifier trained otherwise (another fingerprint): refused
+  # before anything trains, since its FDs would not compare with the finished runs'.
+  other = base.copy_and_resolve_references()
+  other.eval.classifier_dir = str(tmp_path / 'other_classifier')
+  classifier.train(other, steps_per_epoch=2)
+  monkeypatch.setattr(train, 'train_and_evaluate', _refuse)
+  more_seeds = dataclasses.replace(budget, seeds=(0, 1))
+  with pytest.raises(ValueError, match='scored with features'):
+    exp.sweep(other, more_seeds, ['fm', 'pafm_stratified'], str(tmp_path / 'sweep'),
+              log=lambda _: None)

@@ -141,7 +141,7 @@ def train(config: ml_collections.ConfigDict, directory: str | None = None, *,
 
   `steps_per_epoch` cuts epochs short (quick smoke runs and tests); default: whole epochs.
   """
-  directory = epath.Path(directory or default_directory(config))
+  directory = _absolute(directory or default_directory(config))
   arch = architecture(config.data)
   t0 = time.time()
   # The classifier belongs to the dataset: every run, on a training subset or not, is scored
@@ -280,9 +280,15 @@ def load_for(config: ml_collections.ConfigDict) -> Classifier:
   return clf
 
 
+def _absolute(directory: str) -> epath.Path:
+  """Orbax wants absolute paths; a relative local one (e.g. a classifier kept in a sweep's
+  records) is taken from the working directory. Bucket URLs pass unchanged."""
+  return epath.Path(directory if '://' in str(directory) else os.path.abspath(directory))
+
+
 def load(directory: str) -> Classifier:
   """Loads a classifier saved by `train`; checks its weights against the recorded digest."""
-  directory = epath.Path(directory)
+  directory = _absolute(directory)
   info_path = directory / INFO_FILE
   if not info_path.exists():
     raise FileNotFoundError(
