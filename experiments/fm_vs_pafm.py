@@ -440,6 +440,11 @@ def data_limited_markdown(sweeps: list[dict]) -> str:
     if 'subset_per_class' not in results['settings']:
       raise ValueError('a results.json without settings.subset_per_class was written by an older '
                        'version: run that sweep\'s command again (it only re-aggregates).')
+  features = sorted({f for results in sweeps for f in results['settings']['fingerprints']})
+  if len(features) > 1:
+    raise ValueError(f'these sweeps were scored with different classifiers ({features}), so '
+                     'their FDs do not compare: score them with one (for example, pass the '
+                     'first sweep\'s <records>/classifier as --config.eval.classifier_dir).')
   lines = ['# The data-limited regime: FM and PAFM on class-balanced training subsets', '',
            'Each row: mean ± std over seeds at the last checkpoint (a single seed shows its '
            'value); FD vs test is against the test split, FD vs its training images against '

@@ -276,6 +276,11 @@ def test_every_metric_is_paired_at_every_checkpoint_and_subsets_share_one_table(
   del old['settings']['subset_per_class']
   with pytest.raises(ValueError, match='older version'):
     exp.data_limited_markdown([old])
+  # FDs from different classifiers are in different feature spaces: not one table.
+  other = json.loads(json.dumps(sweeps[60][0]))
+  other['settings']['fingerprints'] = ['another']
+  with pytest.raises(ValueError, match='different classifiers'):
+    exp.data_limited_markdown([sweeps[0][0], other])
 
 
 def test_steps_to_reach_an_fd_by_linear_interpolation():
