@@ -675,12 +675,11 @@ def run_one(config: ml_collections.ConfigDict, method: str, budget: Budget, work
           'config': _json_normal(config)}
   if os.path.exists(spec_path):
     defaults = {'config': _json_normal(base_config.get_config())}
-    saved = with_new_defaults(_without_local_paths(_read_json(spec_path)),
-                              _without_local_paths(spec), defaults)
-    if saved != _without_local_paths(spec):
+    portable = _without_local_paths(spec)
+    saved = with_new_defaults(_without_local_paths(_read_json(spec_path)), portable, defaults)
+    if saved != portable:
       raise ValueError(f'{workdir} holds a run with other settings '
-                       f'({_first_difference(saved, _without_local_paths(spec))}); '
-                       'use a new --workdir.')
+                       f'({_first_difference(saved, portable)}); use a new --workdir.')
   else:
     _write_json(spec_path, spec)
   result_path = os.path.join(workdir, 'result.json')
@@ -727,12 +726,13 @@ def run_one(config: ml_collections.ConfigDict, method: str, budget: Budget, work
   return result
 
 
-def _restore_records(run_dirs: dict, records: str | None) -> set[str]:
-  """Copies the runs finished in `records` into their run directories (where not finished
-  there already); returns the feature fingerprints the finished runs were scored with."""
+def _restore_records(run_dirs: dict, record_dirs: dict) -> set[str]:
+  """Copies the runs finished in their record directories into their run directories (where
+  not finished there already); returns the feature fingerprints the finished runs were
+  scored with."""
   features = set()
-  for (seed, method), run_dir in run_dirs.items():
-    record_dir = os.path.join(records, 'runs', f'{method}_seed{seed}') if records else None
+  for key, run_dir in run_dirs.items():
+    record_dir = record_dirs.get(key)
     if (record_dir and os.path.exists(os.path.join(record_dir, 'result.json'))
         and not os.path.exists(os.path.join(run_dir, 'result.json'))):
       _copy_files(record_dir, run_dir, RECORD_FILES)
@@ -765,15 +765,16 @@ def sweep(base: ml_collections.ConfigDict, budget: Budget, methods: list[str], w
   plan = [(seed, m) for seed in budget.seeds for m in methods]
   configs = {(seed, m): run_config(base, m, seed, budget) for seed, m in plan}
   run_dirs = {(seed, m): os.path.join(workdir, 'runs', f'{m}_seed{seed}') for seed, m in plan}
-  features = _restore_records(run_dirs, records)
+  record_dirs = {(seed, m): os.path.join(records, 'runs', f'{m}_seed{seed}')
+                 for seed, m in plan} if records else {}
+  features = _restore_records(run_dirs, record_dirs)
   score = score or Scorer(configs[plan[0]], log, features)
   if isinstance(score, Scorer) and features and any(
       not os.path.exists(os.path.join(d, 'result.json')) for d in run_dirs.values()):
     score.check_features()   # before any training, not after the first run
   runs, spent = [], []
   for i, (seed, method) in enumerate(plan):
-    run_dir = run_dirs[(seed, method)]
-    record_dir = os.path.join(records, 'runs', f'{method}_seed{seed}') if records else None
+    run_dir, record_dir = run_dirs[(seed, method)], record_dirs.get((seed, method))
     finished = os.path.exists(os.path.join(run_dir, 'result.json'))
     log(f'[{i + 1}/{len(plan)}] {method}, seed {seed}: '
         f'{"finished earlier, skipped" if finished else "training"}')
