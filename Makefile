@@ -41,7 +41,7 @@ train: venv dataset
 XDIST ?= -n auto --dist loadfile
 
 test: venv dataset
-	$(PY) -m pytest -q $(XDIST) tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) --durations=20 tests $(PYTEST_ARGS)
 
 # The inner loop: every test not marked slow (about 3 minutes on a 2-core machine).
 test-fast: venv dataset
