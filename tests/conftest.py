@@ -1,29 +1,12 @@
-"""Test setup: 8 fake CPU devices (set before JAX is imported), one XLA compilation cache for
-the session, parsed absl flags, and the Fashion-MNIST array_record dataset built once per
-session."""
+"""Test setup: 8 fake CPU devices (set before JAX is imported), parsed absl flags, and the
+Fashion-MNIST array_record dataset built once per session."""
 
 import os
-import shutil
-import tempfile
 import time
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-
-# Many tests run the same program several times: a run, its resumption, an uninterrupted twin,
-# a subprocess or a notebook doing it again. JAX's persistent compilation cache lets each one
-# compile once per `make test` (a resume test took 67 s with it against 111 s without, on the
-# 2-core CPU machine). It stores executables, never results, so every comparison still runs
-# both sides. The pytest process sets it before starting its xdist workers, which inherit it,
-# as does every subprocess a test starts; a size limit turns on JAX's file lock, so that
-# workers can share it. The directory is removed when the session ends.
-_OWN_XLA_CACHE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
-if _OWN_XLA_CACHE:
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='pafm_jax_tests_xla_')
-  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
-  os.environ['JAX_COMPILATION_CACHE_MAX_SIZE'] = str(4 << 30)
 
 from absl import flags  # noqa: E402
 import pytest  # noqa: E402
@@ -35,13 +18,6 @@ flags.FLAGS.mark_as_parsed()
 def pytest_configure(config):
   config.addinivalue_line(
       'markers', 'slow: trains, builds an index or spawns processes; left out of make test-fast')
-
-
-def pytest_sessionfinish(session):
-  # Only the process that made the cache removes it: an xdist worker inherits the directory
-  # (so _OWN_XLA_CACHE is False there) and ends before the pytest process does.
-  if _OWN_XLA_CACHE:
-    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 
 @pytest.fixture(scope='session')
