@@ -1,12 +1,31 @@
-"""Test setup: 8 fake CPU devices (set before JAX is imported), parsed absl flags, and the
-Fashion-MNIST array_record dataset built once per session."""
+"""Test setup: 8 fake CPU devices (set before JAX is imported), one XLA compilation cache for
+the session, parsed absl flags, and the Fashion-MNIST array_record dataset built once per
+session."""
 
 import os
+import shutil
+import tempfile
 import time
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+# Many tests compile the same program several times: a run and its resumption, an
+# uninterrupted twin, a subprocess or a notebook doing it again. JAX's persistent compilation
+# cache lets them compile it once per `make test`. It stores executables, never results, so
+# every comparison still computes both sides. The pytest process sets it before its xdist
+# workers start; they inherit it, as does every subprocess a test starts. A size limit turns
+# on JAX's file lock, so that processes can share the directory. JAX's own thresholds stay
+# (only compilations of ≥ 1 s are stored): storing every small eager-op executable as well
+# made each lookup scan thousands of entries under that lock, and an Inception test that
+# runs many small programs 4.7× slower. PAFM_TESTS_XLA_CACHE=0 turns it off; the directory
+# is removed when the session ends.
+_OWN_XLA_CACHE = ('JAX_COMPILATION_CACHE_DIR' not in os.environ and
+                  os.environ.get('PAFM_TESTS_XLA_CACHE', '1') != '0')
+if _OWN_XLA_CACHE:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='pafm_jax_tests_xla_')
+  os.environ['JAX_COMPILATION_CACHE_MAX_SIZE'] = str(4 << 30)
 
 from absl import flags  # noqa: E402
 import pytest  # noqa: E402
@@ -18,6 +37,13 @@ flags.FLAGS.mark_as_parsed()
 def pytest_configure(config):
   config.addinivalue_line(
       'markers', 'slow: trains, builds an index or spawns processes; left out of make test-fast')
+
+
+def pytest_sessionfinish(session):
+  # Only the process that made the cache removes it: an xdist worker inherits the directory
+  # (so _OWN_XLA_CACHE is False there) and ends before the pytest process does.
+  if _OWN_XLA_CACHE:
+    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 
 @pytest.fixture(scope='session')
