@@ -37,8 +37,9 @@ dataset:
 train: venv dataset
 	$(PY) -m pafm_jax.main --config=$(CONFIG) --workdir=$(WORKDIR) --config.data.idx_dir=$(FMNIST_DIR)
 
-# One pytest worker per core (pytest-xdist); a test file's tests share a worker and its fixtures.
-XDIST ?= -n auto --dist loadfile
+# One pytest worker per core (pytest-xdist); a test file's tests share a worker and its fixtures,
+# and the longest files start first (tests/conftest.py).
+XDIST ?= -n auto --dist loadfile --no-loadscope-reorder
 
 test: venv dataset
 	$(PY) -m pytest -q $(XDIST) --durations=20 tests $(PYTEST_ARGS)
