@@ -132,6 +132,10 @@ class NonFiniteSteps:
 # Hangs.
 
 
+# A watchdog poll that returns this much later than asked means the process was suspended.
+SUSPENDED_AFTER_S = 10.0
+
+
 class Watchdog:
   """Ends the process with HANG_EXIT_CODE when no progress is reported for `timeout_s`.
 
@@ -139,13 +143,16 @@ class Watchdog:
   without this the other processes of a pod sit idle until someone notices. The thread dumps
   every thread's stack to stderr first, so the log says where it hung. timeout_s = 0: off.
   The train loop runs under it (steps, saves, the last save); sampling and evaluation pause it,
-  and a dead peer there is JAX's heartbeat timeout's to catch.
+  and a dead peer there is JAX's heartbeat timeout's to catch. Time the whole process spent
+  suspended (SIGSTOP or Ctrl-Z, a paused VM, a sleeping laptop) is nobody's hang and does not
+  count: the watchdog sees it as a wake-up far later than its poll.
   """
 
   def __init__(self, timeout_s: float) -> None:
     self.timeout_s = float(timeout_s)
     self._last = time.monotonic()
     self._what = 'the first step'
+    self._lock = threading.Lock()  # kick() and the watch thread both move _last
     self._stop = threading.Event()
     self._paused = False
     self._thread = None
@@ -155,7 +162,8 @@ class Watchdog:
 
   def kick(self, what: str) -> None:
     """Progress: the clock restarts, waiting for `what` next."""
-    self._last, self._what = time.monotonic(), what
+    with self._lock:
+      self._last, self._what = time.monotonic(), what
 
   @contextlib.contextmanager
   def paused(self):
@@ -169,8 +177,15 @@ class Watchdog:
 
   def _watch(self) -> None:
     poll = min(1.0, self.timeout_s / 10)
+    woke = time.monotonic()
     while not self._stop.wait(poll):
-      idle = time.monotonic() - self._last
+      now = time.monotonic()
+      late = now - woke - poll  # a busy machine wakes threads late by far less than this bound
+      woke = now
+      with self._lock:
+        if late > SUSPENDED_AFTER_S:  # the process was not running: the clock stood still
+          self._last = min(self._last + late, now)
+        idle = now - self._last
       if idle > self.timeout_s and not self._paused:
         logging.error('process %d: no progress for %.0f s while waiting for %s '
                       '(config.fault.hang_timeout_s=%g); a peer process may have died. Exiting '

@@ -75,6 +75,33 @@ def test_watchdog_ends_a_process_that_makes_no_progress():
   assert 'Thread' in out.stderr  # every thread's stack, to see where it hung
 
 
+def test_watchdog_does_not_count_the_time_the_process_was_suspended():
+  """A process stopped (SIGSTOP) for longer than the timeout in the middle of a step, then
+  continued, finishes: the stop is not a hang. Its steps are fixed amounts of work, not
+  sleeps, so after SIGCONT the watchdog looks before the step ends and kicks; without the
+  suspension check it would see 15 s of no progress against a timeout of 8 s and exit 75."""
+  code = ('from pafm_jax import fault_tolerance as f\n'
+          'w = f.Watchdog(8)\n'
+          'for step in range(4):\n'
+          '  print("step", step, flush=True)\n'
+          '  for _ in range(30_000_000): pass  # about a second of work\n'
+          '  w.kick(f"step {step + 1}")\n'
+          'w.close(); print("done", flush=True)')
+  proc = subprocess.Popen([sys.executable, '-c', code], cwd=runs.REPO, env=runs.env(1),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    while proc.stdout.readline() != 'step 1\n':
+      assert proc.poll() is None, proc.stderr.read()[-2000:]
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGSTOP)
+    time.sleep(fault_tolerance.SUSPENDED_AFTER_S + 5)
+    proc.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 0 and out.endswith('done\n'), (proc.returncode, err[-2000:])
+
+
 # ------------------------------------------------------------------------ non-finite steps
 
 
