@@ -17,10 +17,10 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # every comparison still computes both sides. The pytest process sets it before its xdist
 # workers start; they inherit it, as does every subprocess a test starts. A size limit turns
 # on JAX's file lock, so that processes can share the directory. JAX's own thresholds stay
-# (only compilations of ≥ 1 s are stored): storing every small eager-op executable as well
-# made each lookup scan thousands of entries under that lock, and an Inception test that
-# runs many small programs 4.7× slower. PAFM_TESTS_XLA_CACHE=0 turns it off; the directory
-# is removed when the session ends.
+# (only compilations of ≥ 1 s are stored). Storing every small eager-op executable as well
+# made each store scan thousands of entries under that lock (JAX's LRU eviction), the likely
+# reason why an Inception test that runs many small programs ran 4.7× slower in that set-up.
+# PAFM_TESTS_XLA_CACHE=0 turns it off; the directory is removed when the session ends.
 _OWN_XLA_CACHE = ('JAX_COMPILATION_CACHE_DIR' not in os.environ and
                   os.environ.get('PAFM_TESTS_XLA_CACHE', '1') != '0')
 if _OWN_XLA_CACHE:
